@@ -1,0 +1,191 @@
+"""Command-line conventions shared by every stage script.
+
+Every script takes `--out DIR`, `--seed`, `--device`, `--dtype`; inputs from earlier stages by flag
+(`--sae DIR`, `--nfm DIR`) pointing at that stage's `--out`; `--activations FILE` wherever activations
+are read; sizes and budgets as flags with demo-scale defaults; and `--preset paper` for the paper setup.
+
+Bad input raises `UserError`; `run_main` prints it as one line (`error: ...`) and exits with status 2,
+so a researcher never sees a stack trace from deep inside torch for a wrong flag.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+class UserError(Exception):
+    """A problem with the user's input. The message names the problem and the fix, on one line."""
+
+
+def run_main(main) -> None:
+    """Run `main()`; turn UserError (and a few well-known input failures) into a one-line error."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# The paper setup (Claflin 2025): OpenLLaMA-3B, residual stream after 16 decoder blocks, WikiText-103,
+# a 50k-latent TopK SAE with K = 1024 on 1M tokens, an NFM with embedding dimension 300 on 5M tokens, and a
+# secondary SAE with 25x expansion (300 -> 7,500 latents, K = 2% = 150). Per stage, since flags share names.
+PAPER_COMMON = dict(model="openlm-research/open_llama_3b", layer=16, dataset="wikitext-103", seq_len=128,
+                    dtype="float16", lm_batch_size=8, val_tokens=100_000)
+PRESETS = {
+    "paper": {
+        "part1": {**PAPER_COMMON, "n_latents": 50_000, "k": 1024, "train_tokens": 1_000_000, "batch_size": 4096},
+        "part2": {**PAPER_COMMON, "nfm_dim": 300, "train_tokens": 5_000_000, "batch_size": 1024},
+        "part3": {**PAPER_COMMON, "expansion": 25, "k": 150, "train_tokens": 1_000_000, "batch_size": 4096},
+    },
+}
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """An ArgumentParser whose description is the script's docstring, with defaults shown."""
+    return argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def add_common_args(p: argparse.ArgumentParser, out_default: str) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=out_default,
+                   help=f"output directory for the checkpoint, metrics.json and PNGs (default: {out_default})")
+    g.add_argument("--seed", type=int, default=0, help="random seed for init, shuffling and dropout (default: 0)")
+    g.add_argument("--device", default="auto",
+                   help="torch device for the LM and the trained models: auto, cpu, cuda, cuda:1, mps (default: auto)")
+    g.add_argument("--dtype", default="auto",
+                   help="dtype the LM runs in: auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16. "
+                        "SAEs and NFMs always train in float32 (default: auto)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="set the defaults of the paper setup (OpenLLaMA-3B, layer 16, WikiText-103, 50k latents, "
+                        "K=1024); explicit flags still override it")
+
+
+def add_data_args(p: argparse.ArgumentParser, with_model_source: bool = True) -> None:
+    """Flags that say where activations come from: an LM + text, or a precomputed activation file.
+
+    Later stages (with_model_source=False) take the model, layer and text source from their parent SAE's
+    checkpoint, so they cannot be pointed at a different layer by mistake."""
+    g = p.add_argument_group("activations")
+    if with_model_source:
+        g.add_argument("--model", default="demo",
+                       help="HF model id (e.g. openlm-research/open_llama_3b), a local model folder, or 'demo' for the "
+                            "embedded tiny Llama, built on first use (default: demo)")
+        g.add_argument("--layer", type=int, default=2,
+                       help="layer L: the residual stream after L decoder blocks = hidden_states[L] = output of "
+                            "block L-1 (default: 2, the middle of the 4-block demo model)")
+        g.add_argument("--dataset", default="demo",
+                       help="'wikitext-103', 'wikitext-2', 'demo' (the demo corpus) or a path to a .txt file / folder "
+                            "of .txt files whose documents are separated by blank lines (default: demo)")
+        g.add_argument("--seq-len", type=int, default=64,
+                       help="tokens per LM input sequence, BOS included (default: 64)")
+        g.add_argument("--val-fraction", type=float, default=0.1,
+                       help="share of documents held out for validation when the text source has no official "
+                            "validation split; the split is by document content hash (default: 0.1)")
+        g.add_argument("--keep-bos", action="store_true",
+                       help="keep BOS positions in the data (default: excluded; their activations are outliers)")
+    g.add_argument("--lm-batch-size", type=int, default=32, help="sequences per LM forward pass (default: 32)")
+    g.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent.parent / "checkpoints" / "activation_cache"),
+                   help="where collected activations are cached as safetensors, keyed by model/layer/data "
+                        "settings; '' disables the cache (default: checkpoints/activation_cache)")
+    g.add_argument("--activations", default=None, metavar="FILE",
+                   help="train on a safetensors file holding one [n, d] tensor named 'activations' "
+                        "(float16/bfloat16/float32) instead of running an LM; an optional int64 'doc_ids' [n] tensor "
+                        "lets the held-out split be by document")
+    g.add_argument("--val-activations", default=None, metavar="FILE",
+                   help="held-out activations in the same format; without it, the last tenth of the rows "
+                        "of --activations (whole documents if 'doc_ids' is present) are held out")
+    g.add_argument("--train-tokens", type=int, default=100_000,
+                   help="training tokens (activation vectors) to collect (default: 100000)")
+    g.add_argument("--val-tokens", type=int, default=20_000,
+                   help="held-out tokens to collect for every reported metric (default: 20000)")
+
+
+def parse(p: argparse.ArgumentParser, argv=None, stage: str = "part1") -> argparse.Namespace:
+    """Parse with presets: `--preset NAME` changes this stage's defaults, explicit flags still win."""
+    pre, _ = p.parse_known_args(argv)
+    preset = getattr(pre, "preset", None)
+    if preset:
+        known = {a.dest for a in p._actions}
+        p.set_defaults(**{k: v for k, v in PRESETS[preset][stage].items() if k in known})
+    args = p.parse_args(argv)
+    for name in ("train_tokens", "val_tokens", "seq_len", "lm_batch_size", "batch_size", "steps"):
+        v = getattr(args, name, None)
+        if v is not None and v <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    return args
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_out(out: str | Path) -> Path:
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {out}: {e.strerror}; choose another --out") from None
+    return out
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON atomically (temporary file in the same folder, then rename)."""
+    from .checkpoint import atomic_write_bytes
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def report(out: Path, metrics_file: Path, pngs: list[Path]) -> None:
+    """Tell the user where the results are."""
+    print(f"\nresults in {out}/")
+    print(f"  metrics: {metrics_file}")
+    for p in pngs:
+        print(f"  plot:    {p}")
+
+
+def env_device(name: str) -> str:
+    import torch
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu or install a CUDA build of torch")
+    return name
+
+
+def lm_dtype(name: str, device: str):
+    import torch
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if name not in table:
+        raise UserError(f"unknown --dtype {name!r}; use auto, float32, float16 or bfloat16")
+    return table[name]
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

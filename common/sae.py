@@ -1,0 +1,216 @@
+"""TopK sparse autoencoder: the recipe the literature settled on, with a sparse fast path.
+
+    pre  = W_enc (x - b_dec) + b_enc                         # [batch, n_latents]
+    f    = TopK_k(ReLU(pre))  as (idx, val)                  # [batch, k] each
+    x_hat = sum_j val_j W_dec[idx_j] + b_dec                 # [batch, d]; embedding_bag over the top-k
+
+Recipe and where it comes from:
+  - tied init: W_dec = W_enc at init, rows unit norm (OpenAI Gao et al. 2024; sparsify; dictionary_learning);
+  - b_dec initialised from the data: the mean of the first training batch (sparsify; Anthropic's proposal);
+  - decoder rows kept at unit norm: the gradient component parallel to each row is removed before the step,
+    rows renormalised after it (OpenAI, sparsify, dictionary_learning);
+  - AuxK (OpenAI): the top-k_aux *dead* latents (no firing for `dead_tokens` tokens) reconstruct the
+    residual e = x - x_hat, k_aux = d/2, coefficient 1/32, decoded *without* b_dec so the bias is not
+    counted twice, scaled by min(n_dead / k_aux, 1);
+  - loss = FVU of the batch (scale-free, as sparsify), Adam with lr = 2e-4 / sqrt(n_latents / 2^14)
+    (the dictionary_learning / sparsify scaling with dictionary size).
+Fast path: the encoder backward touches only the top-k entries (custom autograd function, as sparsify's
+fused encoder), the decoder is `F.embedding_bag`. `forward_dense` is the plain reference (dense
+[batch, n_latents] code, matmul decoder); tests check outputs and gradients agree.
+W_dec is stored [n_latents, d] (one row per latent) so embedding_bag reads it directly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cli import UserError
+
+
+@dataclass
+class SAEConfig:
+    d: int
+    n_latents: int
+    k: int
+    auxk_alpha: float = 1 / 32
+    dead_tokens: int = 10_000_000
+
+    def validate(self) -> None:
+        if self.n_latents <= 0 or self.k <= 0 or self.d <= 0:
+            raise UserError(f"sizes must be positive (d={self.d}, n_latents={self.n_latents}, k={self.k})")
+        if self.k > self.n_latents:
+            raise UserError(f"--k {self.k} exceeds --n-latents {self.n_latents}; choose k <= n_latents")
+
+
+class _TopKEncode(torch.autograd.Function):
+    """ReLU + top-k of x @ W^T + b, whose backward only touches the k selected latents per row."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, k: int):
+        pre = F.relu(F.linear(x, weight, bias))           # [batch, n_latents]
+        val, idx = pre.topk(k, dim=-1, sorted=False)      # [batch, k]
+        ctx.save_for_backward(x, weight, idx, val)
+        return val, idx
+
+    @staticmethod
+    def backward(ctx, grad_val, _grad_idx):
+        x, weight, idx, val = ctx.saved_tensors
+        g = grad_val * (val > 0)                          # ReLU derivative: zero-valued picks get no gradient
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx, weight, per_sample_weights=g.to(weight.dtype), mode="sum")
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros_like(weight)
+            grad_w.index_add_(0, idx.reshape(-1), (g.unsqueeze(2) * x.unsqueeze(1)).reshape(-1, x.shape[1]))
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1).to(weight.dtype))
+        return grad_x, grad_w, grad_b, None
+
+
+class TopKSAE(nn.Module):
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        enc = nn.Linear(cfg.d, cfg.n_latents)             # Kaiming-uniform init, as sparsify
+        self.W_enc = nn.Parameter(enc.weight.data.clone())                  # [n_latents, d]
+        self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))               # [n_latents]
+        self.W_dec = nn.Parameter(F.normalize(enc.weight.data.clone(), dim=1))  # [n_latents, d], tied init
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d))                       # [d]
+        # tokens since each latent last fired (AuxK's notion of "dead"); not a parameter
+        self.register_buffer("since_fired", torch.zeros(cfg.n_latents, dtype=torch.long))
+
+    # ------------------------------------------------------------------ fast (sparse) path
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [batch, d] (normalised) -> (idx [batch, k] long, val [batch, k] >= 0)."""
+        val, idx = _TopKEncode.apply(x - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
+        return idx, val
+
+    def decode(self, idx: torch.Tensor, val: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        out = F.embedding_bag(idx, self.W_dec, per_sample_weights=val, mode="sum")  # [batch, d]
+        return out + self.b_dec if bias else out
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx, val = self.encode(x)
+        return self.decode(idx, val), idx, val
+
+    # ------------------------------------------------------------------ dense reference path
+    def forward_dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain formulation: dense code f [batch, n_latents], x_hat = f @ W_dec + b_dec."""
+        pre = F.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc)
+        val, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        f = torch.zeros_like(pre).scatter(1, idx, val)
+        return f @ self.W_dec + self.b_dec, f
+
+    # ------------------------------------------------------------------ training pieces
+    def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, total_var: torch.Tensor) -> torch.Tensor:
+        dead = self.since_fired >= self.cfg.dead_tokens
+        n_dead = int(dead.sum())
+        if n_dead == 0 or self.cfg.auxk_alpha == 0:
+            return x.new_zeros(())
+        k_aux = min(self.cfg.d // 2, n_dead)
+        dead_ids = dead.nonzero().squeeze(1)
+        pre = F.relu((x - self.b_dec) @ self.W_enc[dead_ids].T + self.b_enc[dead_ids])  # [batch, n_dead]
+        val, j = pre.topk(k_aux, dim=-1, sorted=False)
+        e_hat = self.decode(dead_ids[j], val, bias=False)     # no b_dec: it is already in x_hat
+        e = (x - x_hat).detach()
+        scale = min(n_dead / k_aux, 1.0)
+        return scale * (e_hat - e).pow(2).sum() / total_var
+
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        x_hat, idx, val = self(x)
+        total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        fvu = (x - x_hat).pow(2).sum() / total_var
+        aux = self.auxk_loss(x, x_hat, total_var)
+        with torch.no_grad():
+            fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
+            fired[idx[val > 0]] = True
+            self.since_fired += x.shape[0]
+            self.since_fired[fired] = 0
+        return fvu + self.cfg.auxk_alpha * aux, {"fvu": fvu.item(), "auxk": aux.item(),
+                                                 "dead_frac": float((self.since_fired >= self.cfg.dead_tokens).float().mean())}
+
+    @torch.no_grad()
+    def init_b_dec(self, x: torch.Tensor) -> None:
+        self.b_dec.copy_(x.mean(0))
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        if self.W_dec.grad is not None:
+            w = self.W_dec
+            self.W_dec.grad -= (self.W_dec.grad * w).sum(1, keepdim=True) * w
+
+    @torch.no_grad()
+    def renorm_decoder(self) -> None:
+        self.W_dec.data = F.normalize(self.W_dec.data, dim=1)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        return {prefix + k: v for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], cfg: dict, prefix: str = "") -> "TopKSAE":
+        sae = cls(SAEConfig(**cfg))
+        sae.load_state_dict({k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)})
+        return sae.eval()
+
+    def hparams(self) -> dict:
+        return asdict(self.cfg)
+
+
+def default_lr(n_latents: int) -> float:
+    """2e-4 / sqrt(n_latents / 2^14): the Adam scaling of dictionary_learning and sparsify."""
+    return 2e-4 / math.sqrt(n_latents / 2 ** 14)
+
+
+@torch.no_grad()
+def encode_all(sae: TopKSAE, x: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k codes for many rows: (idx [n, k] long, val [n, k] float32)."""
+    idxs, vals = [], []
+    for s in range(0, x.shape[0], batch):
+        i, v = sae.encode(x[s:s + batch].float())
+        idxs.append(i)
+        vals.append(v)
+    return torch.cat(idxs), torch.cat(vals)
+
+
+def train_sae(sae: TopKSAE, train_x: torch.Tensor, select_x: torch.Tensor, steps: int, batch_size: int,
+              lr: float, eval_every: int, seed: int, desc: str):
+    """Train on normalised rows; select the best step by FVU on select_x. Returns FitResult."""
+    from .metrics import recon_stats
+    from .train import fit
+
+    sae.init_b_dec(train_x[torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(seed))[:batch_size]].float())
+
+    def step_loss(idx):
+        return sae.loss(train_x[idx].float())
+
+    def evaluate():
+        st = recon_stats(sae, select_x)
+        return {"val_loss": st["fvu"], "val_fvu": st["fvu"], "val_l0": st["l0"]}
+
+    return fit(sae, train_x.shape[0], batch_size, steps, lr, step_loss, evaluate, eval_every, seed, desc,
+               before_step=sae.remove_parallel_grad, after_step=sae.renorm_decoder)
+
+
+def load_sae_checkpoint(path, flag: str = "--sae", kind: str = "sae"):
+    """(sae, normalizer, config) from a part1-style checkpoint folder."""
+    from .checkpoint import load
+    from .normalize import Normalizer
+
+    tensors, cfg = load(path, kind, flag)
+    sae = TopKSAE.from_tensors({k: v for k, v in tensors.items() if not k.startswith("norm.")}, cfg["hparams"])
+    return sae, Normalizer.from_tensors(tensors, cfg["normalize"]), cfg
+
+
+@torch.no_grad()
+def codes_and_residuals(sae: TopKSAE, x_norm: torch.Tensor, batch: int = 4096):
+    """For normalised rows: top-k code (idx, val) and the residual r = x - x_hat, all [n, ...]."""
+    idx, val = encode_all(sae, x_norm, batch)
+    x_hat = torch.cat([sae.decode(idx[s:s + batch], val[s:s + batch]) for s in range(0, idx.shape[0], batch)])
+    return idx, val, x_norm.float() - x_hat

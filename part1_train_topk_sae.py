@@ -1,0 +1,109 @@
+"""part1: train a TopK sparse autoencoder on the layer-L residual stream of a causal LM.
+
+Layer L = hidden_states[L] = the residual stream after L decoder blocks (common/hooks.py). Activations
+are normalised by a map fitted on training tokens and saved in the checkpoint (common/normalize.py).
+Training and validation text are split by document; every reported metric is on held-out tokens that
+were used neither for training nor for choosing the best step.
+
+Demo (the embedded tiny Llama, CPU, about a minute):
+    python part1_train_topk_sae.py
+Paper setup (OpenLLaMA-3B, layer 16, WikiText-103, 50k latents, K=1024; one 24 GB GPU):
+    python part1_train_topk_sae.py --preset paper --out checkpoints/paper/part1_sae
+Your own activations (no model at all; one [n, d] tensor 'activations' in a safetensors file):
+    python part1_train_topk_sae.py --activations acts.safetensors --out checkpoints/mine/part1_sae
+
+Writes to --out: model.safetensors + config.json (SAE weights and the normalisation), metrics.json,
+training_curves.png, feature_density.png.
+"""
+from __future__ import annotations
+
+import time
+
+from common import checkpoint, cli, plots
+from common.data import DataSpec, get_activations
+from common.metrics import recon_stats
+from common.normalize import MODES, Normalizer
+from common.sae import SAEConfig, TopKSAE, default_lr, train_sae
+from common.train import split_selection_test
+
+
+def build_parser():
+    p = cli.parser(__doc__)
+    cli.add_common_args(p, "checkpoints/part1_sae")
+    cli.add_data_args(p)
+    g = p.add_argument_group("SAE")
+    g.add_argument("--n-latents", type=int, default=2048, help="dictionary size (default: 2048 = 8x the demo width)")
+    g.add_argument("--k", type=int, default=32, help="active latents per token, the TopK (default: 32)")
+    g.add_argument("--normalize", choices=MODES, default="scalar",
+                   help="activation normalisation fitted on training tokens and saved with the SAE "
+                        "(see common/normalize.py; default: scalar)")
+    g.add_argument("--auxk-alpha", type=float, default=1 / 32, help="AuxK loss coefficient (default: 1/32, OpenAI)")
+    g.add_argument("--dead-tokens", type=int, default=None,
+                   help="a latent that has not fired for this many training tokens counts as dead for AuxK "
+                        "(default: min(10M, a tenth of all training tokens seen))")
+    t = p.add_argument_group("training")
+    t.add_argument("--batch-size", type=int, default=1024, help="tokens per SAE step (default: 1024)")
+    t.add_argument("--epochs", type=float, default=6.0, help="passes over the training tokens (default: 6)")
+    t.add_argument("--steps", type=int, default=None, help="total steps; overrides --epochs")
+    t.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: 2e-4 / sqrt(n_latents / 2^14), the sparsify / "
+                        "dictionary_learning scaling)")
+    t.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default: steps/20)")
+    return p
+
+
+def main(argv=None):
+    args = cli.parse(build_parser(), argv)
+    cli.seed_everything(args.seed)
+    out = cli.prepare_out(args.out)
+    t0 = time.time()
+
+    spec = None if args.activations else DataSpec.from_args(args)
+    acts = get_activations(args, spec)
+    d = acts.train.shape[1]
+    norm = Normalizer.fit(acts.train, args.normalize)
+    x_train = norm.encode(acts.train)                                                    # [n_train, d]
+    (x_sel,), (x_test,) = split_selection_test(norm.encode(acts.val), acts.val_docs)   # held-out halves
+
+    steps = args.steps or max(1, int(args.epochs * x_train.shape[0] / args.batch_size))
+    dead_tokens = args.dead_tokens or min(10_000_000, max(args.batch_size, steps * args.batch_size // 10))
+    cfg = SAEConfig(d=d, n_latents=args.n_latents, k=args.k, auxk_alpha=args.auxk_alpha, dead_tokens=dead_tokens)
+    sae = TopKSAE(cfg)
+    lr = args.lr or default_lr(args.n_latents)
+    print(f"TopK SAE d={d} n_latents={cfg.n_latents} k={cfg.k}: {steps} steps of {args.batch_size} tokens "
+          f"({x_train.shape[0]} training tokens), lr {lr:.2e}")
+    fitres = train_sae(sae, x_train, x_sel, steps, args.batch_size, lr,
+                       args.eval_every or max(1, steps // 20), args.seed, "train SAE")
+
+    test = recon_stats(sae, x_test, norm=norm, with_density=True)
+    firing = test.pop("firing_rate")
+    sel = recon_stats(sae, x_sel)
+    metrics = {
+        "stage": "part1_train_topk_sae",
+        "held_out_test": test,
+        "held_out_selection": sel,
+        "definitions": "metrics on held-out documents: 'held_out_test' was used neither for training nor for "
+                       "choosing the best step; FVU = sum||x-x_hat||^2 / sum||x-mean(x)||^2 over all tokens; "
+                       "mse/fvu/cosine in normalised units, *_raw in the LM's units; dead_fraction = latents that "
+                       "never fire on these tokens",
+        "train": {"steps": steps, "best_step": fitres.best_step, "lr": lr, "batch_size": args.batch_size,
+                  "train_tokens": x_train.shape[0], "dead_fraction_at_end_of_training":
+                      float((sae.since_fired >= dead_tokens).float().mean()), "seconds": time.time() - t0},
+        "data": acts.description,
+        "history": fitres.history,
+    }
+    checkpoint.save(out, "sae", {**sae.tensors(), **norm.tensors()}, {
+        "hparams": sae.hparams(), "normalize": args.normalize, "data": acts.description,
+        "train": {k: v for k, v in metrics["train"].items() if k != "seconds"}, "seed": args.seed, "parents": {},
+    })
+    cli.write_json(out / "metrics.json", metrics)
+    pngs = [plots.training_curves(fitres.history, ["fvu"], out / "training_curves.png",
+                                  f"TopK SAE n={cfg.n_latents} k={cfg.k}", fitres.best_step),
+            plots.density_histogram(firing, test["n_tokens"], out / "feature_density.png", "TopK SAE feature density")]
+    print(f"held-out: FVU {test['fvu']:.4f}  MSE {test['mse']:.4f}  L0 {test['l0']:.1f}  "
+          f"dead {test['dead_fraction']:.1%}  cosine {test['cosine']:.3f}  ({test['n_tokens']} tokens)")
+    cli.report(out, out / "metrics.json", pngs)
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,136 @@
+"""part3: a secondary TopK SAE on the NFM's interaction hidden layer ("integration features").
+
+Exactly which tensor: u = W_1 p + b_1, the interaction MLP's hidden layer *before* its ReLU ("post-MLP1"),
+where p is the bi-interaction pooling of the primary SAE's top-k code of the normalised layer-L activation,
+computed in eval mode (no dropout) by the same `NFM.hidden` the NFM was trained with. u is normalised by
+its own map (fitted on training tokens, saved with this SAE). The SAE code is part1's (common/sae.py).
+
+Reported on held-out documents: FVU, L0 and dead fraction of the secondary SAE, and the NFM's residual
+reduction when u is replaced by its secondary-SAE reconstruction (against the intact NFM).
+
+Demo (after part2):
+    python part3_train_secondary_sae.py
+Paper setup (25x expansion of the 300-dim hidden layer = 7,500 latents, K = 2% = 150):
+    python part3_train_secondary_sae.py --preset paper --nfm checkpoints/paper/part2_nfm --out checkpoints/paper/part3_secondary_sae
+
+Writes to --out: model.safetensors + config.json (records the NFM's and SAE's content hashes),
+metrics.json, training_curves.png, feature_density.png.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from common import checkpoint, cli, plots
+from common.data import DataSpec, get_activations
+from common.metrics import recon_stats, residual_reduction
+from common.nfm import NFM, hidden_all
+from common.normalize import MODES, Normalizer
+from common.sae import SAEConfig, TopKSAE, codes_and_residuals, default_lr, load_sae_checkpoint, train_sae
+from common.train import split_selection_test
+
+
+def build_parser():
+    p = cli.parser(__doc__)
+    cli.add_common_args(p, "checkpoints/part3_secondary_sae")
+    p.add_argument("--nfm", default="checkpoints/part2_nfm", help="part2 output folder (default: checkpoints/part2_nfm)")
+    p.add_argument("--sae", default=None, help="part1 output folder the NFM was trained on (default: the path recorded "
+                                               "in the NFM's config; any other SAE is refused)")
+    cli.add_data_args(p, with_model_source=False)
+    g = p.add_argument_group("secondary SAE")
+    g.add_argument("--expansion", type=int, default=16, help="latents per hidden unit (default: 16)")
+    g.add_argument("--n-latents", type=int, default=None, help="dictionary size (default: expansion x NFM hidden width)")
+    g.add_argument("--k", type=int, default=16, help="active latents per token (default: 16)")
+    g.add_argument("--normalize", choices=MODES, default="scalar", help="normalisation of u (default: scalar)")
+    t = p.add_argument_group("training")
+    t.add_argument("--batch-size", type=int, default=1024, help="tokens per step (default: 1024)")
+    t.add_argument("--epochs", type=float, default=6.0, help="passes over the training tokens (default: 6)")
+    t.add_argument("--steps", type=int, default=None, help="total steps; overrides --epochs")
+    t.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: 2e-4 / sqrt(n_latents / 2^14))")
+    t.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default: steps/20)")
+    return p
+
+
+def load_nfm_and_sae(nfm_dir, sae_dir=None):
+    """The NFM and exactly the SAE it was trained on (refuses any other)."""
+    tensors, nfm_cfg = checkpoint.load(nfm_dir, "nfm", "--nfm")
+    nfm = NFM.from_tensors(tensors, nfm_cfg["hparams"])
+    sae, norm, sae_cfg = load_sae_checkpoint(sae_dir or nfm_cfg["parents"]["sae"]["path"])
+    checkpoint.check_parent(nfm_cfg, "sae", sae_cfg, "--nfm", "--sae")
+    return nfm, nfm_cfg, sae, norm, sae_cfg
+
+
+@torch.no_grad()
+def nfm_with_hidden(nfm: NFM, idx, val, u) -> torch.Tensor:
+    """NFM output with its hidden layer u given (e.g. the secondary SAE's reconstruction)."""
+    return nfm.linear(idx, val) + nfm.interaction_from_hidden(u)
+
+
+def main(argv=None):
+    args = cli.parse(build_parser(), argv, stage="part3")
+    cli.seed_everything(args.seed)
+    out = cli.prepare_out(args.out)
+    t0 = time.time()
+
+    nfm, nfm_cfg, sae, norm, sae_cfg = load_nfm_and_sae(args.nfm, args.sae)
+    acts = get_activations(args, DataSpec.from_description(sae_cfg["data"]), parent=sae_cfg["data"], width=sae.cfg.d)
+    idx_t, val_t, _ = codes_and_residuals(sae, norm.encode(acts.train))
+    idx_v, val_v, r_v = codes_and_residuals(sae, norm.encode(acts.val))
+    u_train = hidden_all(nfm, idx_t, val_t)                                   # [n_train, hidden]
+    u_val = hidden_all(nfm, idx_v, val_v)                                     # [n_val, hidden]
+    unorm = Normalizer.fit(u_train, args.normalize)
+    sel, (u_test, idx_test, val_test, r_test) = split_selection_test(
+        unorm.encode(u_val), acts.val_docs, idx_v, val_v, r_v)
+    u_sel = sel[0]
+
+    hidden = nfm.cfg.hidden
+    cfg = SAEConfig(d=hidden, n_latents=args.n_latents or args.expansion * hidden, k=args.k)
+    steps = args.steps or max(1, int(args.epochs * u_train.shape[0] / args.batch_size))
+    cfg.dead_tokens = min(10_000_000, max(args.batch_size, steps * args.batch_size // 10))
+    sec = TopKSAE(cfg)
+    lr = args.lr or default_lr(cfg.n_latents)
+    print(f"secondary TopK SAE on the NFM hidden layer (post-MLP1, pre-ReLU, width {hidden}): "
+          f"n_latents={cfg.n_latents} k={cfg.k}, {steps} steps")
+    fitres = train_sae(sec, unorm.encode(u_train), u_sel, steps, args.batch_size, lr,
+                       args.eval_every or max(1, steps // 20), args.seed, "train secondary SAE")
+
+    test = recon_stats(sec, u_test, norm=unorm, with_density=True)
+    firing = test.pop("firing_rate")
+    with torch.no_grad():
+        u_hat = unorm.decode(torch.cat([sec(u_test[s:s + 4096])[0] for s in range(0, u_test.shape[0], 4096)]))
+        intact = nfm_with_hidden(nfm, idx_test, val_test, unorm.decode(u_test))
+        replaced = nfm_with_hidden(nfm, idx_test, val_test, u_hat)
+    metrics = {
+        "stage": "part3_train_secondary_sae",
+        "input_tensor": "NFM interaction MLP hidden layer u = W_1 p + b_1 before ReLU (post-MLP1), eval mode, from "
+                        "the primary SAE's top-k code of the normalised layer activation",
+        "held_out_test": {
+            **test,
+            "nfm_residual_reduction_intact": residual_reduction(r_test, intact),
+            "nfm_residual_reduction_with_secondary_reconstruction": residual_reduction(r_test, replaced),
+        },
+        "definitions": "held-out documents not used for training or model selection; FVU/L0/dead of the secondary "
+                       "SAE on u (normalised units; *_raw in u's own units); NFM residual reduction = "
+                       "1 - sum||r - r_hat||^2 / sum||r||^2 with u intact vs replaced by the secondary SAE's reconstruction",
+        "train": {"steps": steps, "best_step": fitres.best_step, "lr": lr, "batch_size": args.batch_size,
+                  "train_tokens": int(u_train.shape[0]), "seconds": time.time() - t0},
+        "history": fitres.history,
+    }
+    checkpoint.save(out, "secondary_sae", {**sec.tensors(), **unorm.tensors()}, {
+        "hparams": sec.hparams(), "normalize": args.normalize, "input": "nfm.hidden (post-MLP1, pre-ReLU)",
+        "data": acts.description, "seed": args.seed, "train": {k: v for k, v in metrics["train"].items() if k != "seconds"},
+        "parents": {"nfm": checkpoint.parent_ref(nfm_cfg), "sae": checkpoint.parent_ref(sae_cfg)}})
+    cli.write_json(out / "metrics.json", metrics)
+    pngs = [plots.training_curves(fitres.history, ["fvu"], out / "training_curves.png",
+                                  f"secondary SAE n={cfg.n_latents} k={cfg.k}", fitres.best_step),
+            plots.density_histogram(firing, test["n_tokens"], out / "feature_density.png", "secondary SAE feature density")]
+    h = metrics["held_out_test"]
+    print(f"held-out: FVU {h['fvu']:.4f}  L0 {h['l0']:.1f}  dead {h['dead_fraction']:.1%}  NFM residual reduction "
+          f"{h['nfm_residual_reduction_intact']:.4f} intact -> {h['nfm_residual_reduction_with_secondary_reconstruction']:.4f} "
+          f"with the secondary reconstruction")
+    cli.report(out, out / "metrics.json", pngs)
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny demo model built once per test session (same code path as the real demo)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> Path:
+    """A tiny Llama + tokenizer + corpus folder, built by common.demo with its test preset."""
+    from common.demo import DemoConfig, ensure_demo_model
+
+    return ensure_demo_model(tmp_path_factory.mktemp("demo") / "tiny", DemoConfig.tiny(), quiet=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_demo):
+    from common.models import load_model
+
+    model, tok, _ = load_model(str(tiny_demo), "float32", "cpu")
+    return model, tok
+
+
+def run_script(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a stage script as a subprocess (as a researcher would), from the project root."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

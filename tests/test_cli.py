@@ -1,0 +1,45 @@
+"""Every flag of every script is documented; presets set defaults but explicit flags win."""
+import importlib
+
+import pytest
+
+from common import cli
+
+SCRIPTS = ["part1_train_topk_sae", "part2_train_residual_nfm", "part3_train_secondary_sae"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_flag_has_help_and_docstring_has_paper_command(name):
+    mod = importlib.import_module(name)
+    p = mod.build_parser()
+    for action in p._actions:
+        if action.dest != "help":
+            assert action.help and len(action.help) > 10, f"{name}: {action.option_strings} lacks help"
+    for flag in ("--out", "--seed", "--device", "--dtype", "--activations", "--preset"):
+        assert flag in p._option_string_actions, f"{name} lacks {flag}"
+    assert "--preset paper" in mod.__doc__
+
+
+def test_paper_preset_and_override():
+    mod = importlib.import_module("part1_train_topk_sae")
+    a = cli.parse(mod.build_parser(), ["--preset", "paper"])
+    assert (a.model, a.layer, a.dataset, a.n_latents, a.k) == ("openlm-research/open_llama_3b", 16, "wikitext-103", 50_000, 1024)
+    b = cli.parse(mod.build_parser(), ["--preset", "paper", "--layer", "12", "--k", "64"])
+    assert (b.layer, b.k, b.n_latents) == (12, 64, 50_000)
+    c = cli.parse(mod.build_parser(), [])
+    assert (c.model, c.layer) == ("demo", 2)
+
+
+def test_non_positive_sizes_rejected():
+    mod = importlib.import_module("part1_train_topk_sae")
+    with pytest.raises(cli.UserError, match="--train-tokens must be positive"):
+        cli.parse(mod.build_parser(), ["--train-tokens", "0"])
+
+
+def test_paper_preset_is_per_stage():
+    p3 = importlib.import_module("part3_train_secondary_sae")
+    a = cli.parse(p3.build_parser(), ["--preset", "paper"], stage="part3")
+    assert (a.k, a.expansion) == (150, 25)
+    p2 = importlib.import_module("part2_train_residual_nfm")
+    b = cli.parse(p2.build_parser(), ["--preset", "paper"], stage="part2")
+    assert (b.nfm_dim, b.train_tokens) == (300, 5_000_000)

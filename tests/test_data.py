@@ -1,0 +1,135 @@
+"""Text sources, document split, BOS/pad handling, activation collection and activation files."""
+import pytest
+import torch
+
+from common.cli import UserError
+from common.data import (DataSpec, _wikitext_articles, batch_sequences, cached_activations, collect_activations,
+                         iter_documents, iter_sequences, keep_mask, load_activation_file, save_activation_file,
+                         split_rows)
+from common.hooks import collect
+
+
+def test_split_is_by_document_and_stable(tiny_demo):
+    corpus = str(tiny_demo / "corpus.txt")
+    train = list(iter_documents(corpus, "train", 0.2))
+    val = list(iter_documents(corpus, "validation", 0.2))
+    assert train and val
+    assert not set(train) & set(val)
+    assert list(iter_documents(corpus, "validation", 0.2)) == val       # deterministic
+    n = len(train) + len(val)
+    assert 0.1 < len(val) / n < 0.3
+
+
+def test_folder_of_text_files_and_unknown_dataset(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc line one\nline two\n\nsecond doc\n")
+    (tmp_path / "b.txt").write_text("third doc\n")
+    docs = list(iter_documents(str(tmp_path), "train", 0.0))
+    assert docs == ["first doc line one\nline two", "second doc", "third doc"]
+    with pytest.raises(UserError, match="unknown --dataset"):
+        list(iter_documents("no-such-dataset", "train", 0.1))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .txt files"):
+        list(iter_documents(str(tmp_path / "empty"), "train", 0.1))
+
+
+def test_wikitext_rows_grouped_into_articles():
+    rows = [" = Alpha = \n", "", " alpha text . \n", " = = Section = = \n", " more alpha \n",
+            " = Beta = \n", " beta text \n"]
+    arts = list(_wikitext_articles(iter(rows)))
+    assert len(arts) == 2
+    assert arts[0].startswith("= Alpha =") and "Section" in arts[0]
+    assert arts[1].startswith("= Beta =")
+
+
+def test_sequences_never_cross_documents_and_start_with_bos(tiny_lm):
+    _, tok = tiny_lm
+    docs = ["one two three four five six seven eight nine ten " * 3, "short doc here"]
+    seqs = list(iter_sequences(tok, iter(docs), seq_len=8))
+    assert all(s[0] == tok.bos_token_id and len(s) <= 8 for s, _ in seqs)
+    doc_of = [d for _, d in seqs]
+    assert doc_of == sorted(doc_of) and set(doc_of) == {0, 1}
+    body = [t for s, d in seqs if d == 0 for t in s[1:]]
+    assert body == tok(docs[0], add_special_tokens=False)["input_ids"][:len(body)]
+
+
+def test_bos_and_pad_excluded_unless_asked(tiny_lm):
+    _, tok = tiny_lm
+    ids, mask = batch_sequences([[tok.bos_token_id, 5, 6, 7], [tok.bos_token_id, 8]], tok.pad_token_id)
+    keep = keep_mask(tok, mask, keep_bos=False)
+    assert keep.tolist() == [[False, True, True, True], [False, True, False, False]]
+    assert keep_mask(tok, mask, keep_bos=True).tolist() == [[True, True, True, True], [True, True, False, False]]
+
+
+def test_collected_rows_equal_hidden_states_at_kept_positions(tiny_lm, tiny_demo):
+    model, tok = tiny_lm
+    spec = DataSpec(model=str(tiny_demo), layer=1, dataset=str(tiny_demo / "corpus.txt"), seq_len=16)
+    acts, docs = collect_activations(model, tok, spec, "validation", max_tokens=50, lm_batch_size=4)
+    assert acts.shape == (50, model.config.hidden_size) and docs.shape == (50,)
+    first = [s for s, _ in iter_sequences(tok, iter_documents(spec.dataset, "validation", 0.1), 16)][:4]
+    ids, mask = batch_sequences(first, tok.pad_token_id)
+    with torch.no_grad():
+        hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+    expected = hs[keep_mask(tok, mask, False)][:50]
+    assert torch.allclose(acts[:len(expected)], expected, atol=1e-6)
+
+
+def test_activation_cache_is_reused(tiny_demo, tmp_path):
+    spec = DataSpec(model=str(tiny_demo), layer=1, dataset=str(tiny_demo / "corpus.txt"), seq_len=16)
+    lm = {}
+    a1, _ = cached_activations(spec, "train", 40, 4, str(tmp_path), "float32", "cpu", lm)
+    assert "model" in lm and len(list(tmp_path.glob("*.safetensors"))) == 1
+    lm2 = {}
+    a2, _ = cached_activations(spec, "train", 40, 4, str(tmp_path), "float32", "cpu", lm2)
+    assert "model" not in lm2                    # served from the cache, no LM loaded
+    assert torch.equal(a1, a2)
+    other = DataSpec(**{**spec.__dict__, "layer": 2})
+    cached_activations(other, "train", 40, 4, str(tmp_path), "float32", "cpu", lm)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2   # a different layer is a different cache entry
+
+
+def test_activation_file_validation(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_activation_file(good, torch.randn(10, 4).half())
+    acts, docs = load_activation_file(good, "--activations", width=4)
+    assert acts.dtype == torch.float16 and docs is None
+    cases = {
+        "width": (torch.randn(10, 3), "width 3"),
+        "dtype": (torch.randint(0, 5, (10, 4)), "dtype"),
+        "nan": (torch.tensor([[0.0, float("nan")], [1.0, 2.0]]), "NaN"),
+        "shape": (torch.randn(10), "2-D"),
+    }
+    for name, (t, msg) in cases.items():
+        p = tmp_path / f"{name}.safetensors"
+        save_activation_file(p, t)
+        with pytest.raises(UserError, match=msg):
+            load_activation_file(p, "--activations", width=4 if name == "width" else None)
+    from safetensors.torch import save_file
+    save_file({"acts": torch.zeros(2, 2)}, str(tmp_path / "key.safetensors"))
+    with pytest.raises(UserError, match="no tensor named 'activations'"):
+        load_activation_file(tmp_path / "key.safetensors", "--activations")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        load_activation_file(tmp_path / "junk.safetensors", "--activations")
+    with pytest.raises(UserError, match="no such file"):
+        load_activation_file(tmp_path / "missing.safetensors", "--activations")
+
+
+def test_split_rows_at_document_boundary():
+    acts = torch.arange(100.0)[:, None]
+    docs = torch.arange(100) // 7
+    (tr, trd), (va, vad) = split_rows(acts, docs, 0.1)
+    assert not set(trd.tolist()) & set(vad.tolist())
+    assert tr.shape[0] + va.shape[0] == 100 and 10 <= va.shape[0] < 10 + 7   # moved back to a document start
+
+
+def test_refuses_a_model_changed_since_the_parent_was_trained(tiny_demo, tmp_path):
+    from argparse import Namespace
+
+    from common.data import get_activations, model_fingerprint
+    args = Namespace(activations=None, val_activations=None, train_tokens=30, val_tokens=30, lm_batch_size=4,
+                     cache_dir=str(tmp_path), dtype="float32", device="cpu")
+    spec = DataSpec(model=str(tiny_demo), layer=1, dataset=str(tiny_demo / "corpus.txt"), seq_len=16)
+    acts = get_activations(args, spec, parent={"model_fingerprint": model_fingerprint(str(tiny_demo))})
+    assert acts.description["model_fingerprint"] == model_fingerprint(str(tiny_demo))
+    with pytest.raises(UserError, match="changed on disk"):
+        get_activations(args, spec, parent={"model_fingerprint": "something-else"})

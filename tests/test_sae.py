@@ -1,0 +1,131 @@
+"""TopK SAE: sparse fast path == dense reference (outputs and gradients), and the training recipe."""
+import pytest
+import torch
+
+from common.cli import UserError
+from common.metrics import recon_stats
+from common.sae import SAEConfig, TopKSAE, train_sae
+
+
+def _sae(d=24, n=96, k=6, seed=0, **kw):
+    torch.manual_seed(seed)
+    sae = TopKSAE(SAEConfig(d=d, n_latents=n, k=k, **kw)).double()
+    sae.renorm_decoder()  # exact unit norm in float64
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    return sae
+
+
+def test_sparse_and_dense_paths_agree_outputs_and_gradients():
+    sae = _sae()
+    x = torch.randn(64, 24, dtype=torch.float64)
+    target = torch.randn(64, 24, dtype=torch.float64)
+    x_hat, idx, val = sae(x)
+    ((x_hat - target) ** 2).sum().backward()
+    sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    x_hat_dense, f = sae.forward_dense(x)
+    ((x_hat_dense - target) ** 2).sum().backward()
+    assert torch.allclose(x_hat, x_hat_dense, atol=1e-12)
+    assert torch.equal((f > 0).sum(1), (val > 0).sum(1))
+    for n, p in sae.named_parameters():
+        assert torch.allclose(sparse_grads[n], p.grad, atol=1e-10), n
+        assert p.grad.abs().sum() > 0, n
+
+
+def test_encoder_gradient_only_on_selected_latents():
+    sae = _sae()
+    x = torch.randn(8, 24, dtype=torch.float64)
+    x_hat, idx, val = sae(x)
+    x_hat.sum().backward()
+    touched = (sae.W_enc.grad.abs().sum(1) > 0).nonzero().squeeze(1)
+    assert set(touched.tolist()) <= set(idx[val > 0].tolist())
+
+
+def test_zero_valued_picks_get_no_gradient():
+    # with b_enc very negative, fewer than k latents are positive: the zero picks must not learn
+    sae = _sae(k=10)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.0)
+        sae.b_enc[:3] = 5.0
+    x = torch.randn(4, 24, dtype=torch.float64) * 0.01
+    x_hat, idx, val = sae(x)
+    assert (val == 0).any()
+    x_hat.sum().backward()
+    assert sae.b_enc.grad[3:].abs().max() == 0
+
+
+def test_unit_norm_decoder_and_parallel_gradient_removal():
+    sae = _sae()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(96, dtype=torch.float64))
+    x = torch.randn(32, 24, dtype=torch.float64)
+    loss, _ = sae.loss(x)
+    loss.backward()
+    sae.remove_parallel_grad()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-12
+    with torch.no_grad():
+        sae.W_dec += 0.3
+    sae.renorm_decoder()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(96, dtype=torch.float64))
+
+
+def test_tied_init_and_data_init_of_b_dec():
+    sae = _sae()
+    assert torch.allclose(torch.nn.functional.normalize(sae.W_enc, dim=1), sae.W_dec, atol=1e-6)
+    x = torch.randn(50, 24, dtype=torch.float64) + 3
+    sae.init_b_dec(x)
+    assert torch.allclose(sae.b_dec, x.mean(0))
+
+
+def test_auxk_revives_only_dead_latents():
+    sae = _sae(dead_tokens=10)
+    x = torch.randn(32, 24, dtype=torch.float64)
+    loss0, logs0 = sae.loss(x)              # nothing is dead yet: AuxK is zero
+    assert logs0["auxk"] == 0.0
+    sae.zero_grad()
+    with torch.no_grad():
+        sae.since_fired.fill_(0)
+        dead = torch.arange(48, 96)
+        sae.since_fired[dead] = 100
+    x_hat, idx, val = sae(x)
+    total_var = (x - x.mean(0)).pow(2).sum()
+    aux = sae.auxk_loss(x, x_hat, total_var)
+    assert aux > 0
+    aux.backward()
+    rows = (sae.W_enc.grad.abs().sum(1) > 0).nonzero().squeeze(1)
+    assert len(rows) > 0 and set(rows.tolist()) <= set(dead.tolist())
+    # the dead latents reconstruct the residual without b_dec (it is already inside x_hat)
+    with torch.no_grad():
+        pre = torch.relu((x - sae.b_dec) @ sae.W_enc[dead].T + sae.b_enc[dead])
+        v, j = pre.topk(12, dim=-1)                      # k_aux = d // 2 = 12
+        e_hat = torch.zeros_like(x)
+        for b in range(x.shape[0]):
+            e_hat[b] = (v[b, :, None] * sae.W_dec[dead[j[b]]]).sum(0)
+        expected = (e_hat - (x - x_hat)).pow(2).sum() / total_var
+    assert torch.allclose(aux, expected)
+
+
+def test_bad_sizes():
+    with pytest.raises(UserError, match="exceeds"):
+        TopKSAE(SAEConfig(d=8, n_latents=4, k=5))
+    with pytest.raises(UserError, match="positive"):
+        TopKSAE(SAEConfig(d=8, n_latents=0, k=1))
+
+
+def test_training_recovers_planted_dictionary():
+    # 48 unit directions in 16 dims, 2 active per token: a TopK SAE must explain most variance
+    g = torch.Generator().manual_seed(0)
+    D = torch.nn.functional.normalize(torch.randn(48, 16, generator=g), dim=1)
+    n = 12000
+    idx = torch.randint(0, 48, (n, 2), generator=g)
+    f = torch.zeros(n, 48).scatter(1, idx, torch.rand(n, 2, generator=g) + 0.5)
+    x = f @ D
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d=16, n_latents=96, k=4, dead_tokens=20000))
+    before = recon_stats(sae, x[10000:])["fvu"]
+    res = train_sae(sae, x[:10000], x[10000:11000], 300, 256, 3e-3, 50, 0, "test")
+    after = recon_stats(sae, x[11000:])
+    assert res.best_step > 0 and res.history
+    assert after["fvu"] < 0.15 < before
+    assert after["l0"] <= 4
