@@ -16,9 +16,9 @@ def training_curves(history: list[dict], keys: list[str], path: Path, title: str
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
     steps = [h["step"] for h in history]
     for ax, key in zip(axes[0], keys):
-        for prefix, style in (("train_", "-"), ("val_", "--")):
+        for prefix, style, name in (("train_", "-", "train"), ("val_", "--", "held-out (selection half)")):
             if prefix + key in history[0]:
-                ax.plot(steps, [h[prefix + key] for h in history], style, label=f"{prefix.rstrip('_')} {key}")
+                ax.plot(steps, [h[prefix + key] for h in history], style, label=f"{name} {key}")
         if best_step is not None:
             ax.axvline(best_step, color="grey", lw=0.8, ls=":", label=f"best step {best_step}")
         ax.set_xlabel("step")

@@ -1,0 +1,110 @@
+"""Sparse (embedding_bag) vs dense reference paths: one training step (forward + backward + Adam) of the
+TopK SAE and of the NFM, measured side by side in one run (A and B alternated, medians of repeats).
+
+    .venv/bin/python bench/bench_sparse_vs_dense.py                 # small scale, about a minute on 2 cores
+    .venv/bin/python bench/bench_sparse_vs_dense.py --scale paper   # NFM at n=50k, k=250, dim=300, d=3200
+
+Prints ms per step for each path and the ratio dense/sparse.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common.nfm import NFM, NFMConfig  # noqa: E402
+from common.sae import SAEConfig, TopKSAE  # noqa: E402
+from common.train import make_adam  # noqa: E402
+
+SCALES = {
+    "small": dict(d=256, n=4096, k=32, dim=64, batch=4096),
+    "paper": dict(d=3200, n=50_000, k=250, dim=300, batch=256),
+}
+
+
+def time_steps(step, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def alternate(a, b, rounds: int, repeats: int):
+    ta, tb = [], []
+    a(), b()  # warm-up
+    for _ in range(rounds):
+        ta += time_steps(a, repeats)
+        tb += time_steps(b, repeats)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def sae_steps(s):
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d=s["d"], n_latents=s["n"], k=s["k"]))
+    opt = make_adam(sae.parameters(), 1e-4)
+    x = torch.randn(s["batch"], s["d"])
+
+    def sparse():
+        loss, _ = sae.loss(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def dense():
+        x_hat, _ = sae.forward_dense(x)
+        loss = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return sparse, dense
+
+
+def nfm_steps(s):
+    torch.manual_seed(0)
+    nfm = NFM(NFMConfig(n_features=s["n"], d=s["d"], dim=s["dim"], hidden=s["dim"]))
+    opt = make_adam(nfm.parameters(), 1e-4)
+    idx = torch.stack([torch.randperm(s["n"])[:s["k"]] for _ in range(s["batch"])])
+    val = torch.rand(s["batch"], s["k"])
+    r = torch.randn(s["batch"], s["d"])
+
+    def sparse():
+        loss = (nfm(idx, val) - r).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def dense():
+        f = torch.zeros(s["batch"], s["n"]).scatter(1, idx, val)   # the reference's dense [batch, n_features] input
+        loss = (nfm.forward_dense(f) - r).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return sparse, dense
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=sorted(SCALES), default="small", help="problem size (default: small)")
+    p.add_argument("--rounds", type=int, default=3, help="A/B alternations (default: 3)")
+    p.add_argument("--repeats", type=int, default=3, help="steps timed per turn (default: 3)")
+    a = p.parse_args()
+    s = SCALES[a.scale]
+    print(f"scale {a.scale}: {s}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    benches = [("NFM step", nfm_steps)] + ([("TopK SAE step", sae_steps)] if a.scale == "small" else [])
+    for name, make in benches:
+        sparse, dense = make(s)
+        ms_sparse, ms_dense = alternate(sparse, dense, a.rounds, a.repeats)
+        print(f"{name:14s} sparse {ms_sparse:8.1f} ms   dense {ms_dense:8.1f} ms   dense/sparse {ms_dense / ms_sparse:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
