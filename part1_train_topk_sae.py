@@ -23,7 +23,7 @@ from common import checkpoint, cli, plots
 from common.data import DataSpec, get_activations
 from common.metrics import recon_stats
 from common.normalize import MODES, Normalizer
-from common.sae import SAEConfig, TopKSAE, default_lr, train_sae
+from common.sae import SAEConfig, TopKSAE, default_dead_tokens, default_lr, train_sae
 from common.train import split_selection_test
 
 
@@ -41,14 +41,7 @@ def build_parser():
     g.add_argument("--dead-tokens", type=int, default=None,
                    help="a latent that has not fired for this many training tokens counts as dead for AuxK "
                         "(default: min(10M, a tenth of all training tokens seen))")
-    t = p.add_argument_group("training")
-    t.add_argument("--batch-size", type=int, default=1024, help="tokens per SAE step (default: 1024)")
-    t.add_argument("--epochs", type=float, default=6.0, help="passes over the training tokens (default: 6)")
-    t.add_argument("--steps", type=int, default=None, help="total steps; overrides --epochs")
-    t.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (default: 2e-4 / sqrt(n_latents / 2^14), the sparsify / "
-                        "dictionary_learning scaling)")
-    t.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default: steps/20)")
+    cli.add_training_args(p, None, "2e-4 / sqrt(n_latents / 2^14), the sparsify / dictionary_learning scaling")
     return p
 
 
@@ -65,15 +58,15 @@ def main(argv=None):
     x_train = norm.encode(acts.train)                                                    # [n_train, d]
     (x_sel,), (x_test,) = split_selection_test(norm.encode(acts.val), acts.val_docs)   # held-out halves
 
-    steps = args.steps or max(1, int(args.epochs * x_train.shape[0] / args.batch_size))
-    dead_tokens = args.dead_tokens or min(10_000_000, max(args.batch_size, steps * args.batch_size // 10))
+    steps = cli.total_steps(args, x_train.shape[0])
+    dead_tokens = args.dead_tokens or default_dead_tokens(steps, args.batch_size)
     cfg = SAEConfig(d=d, n_latents=args.n_latents, k=args.k, auxk_alpha=args.auxk_alpha, dead_tokens=dead_tokens)
-    sae = TopKSAE(cfg)
+    sae = TopKSAE(cfg).to(cli.env_device(args.device))
     lr = args.lr or default_lr(args.n_latents)
     print(f"TopK SAE d={d} n_latents={cfg.n_latents} k={cfg.k}: {steps} steps of {args.batch_size} tokens "
           f"({x_train.shape[0]} training tokens), lr {lr:.2e}")
     fitres = train_sae(sae, x_train, x_sel, steps, args.batch_size, lr,
-                       args.eval_every or max(1, steps // 20), args.seed, "train SAE")
+                       cli.eval_every(args, steps), args.seed, "train SAE")
 
     test = recon_stats(sae, x_test, norm=norm, with_density=True)
     firing = test.pop("firing_rate")

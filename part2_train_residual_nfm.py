@@ -25,14 +25,14 @@ from __future__ import annotations
 import math
 import time
 
-import torch
 
 from common import checkpoint, cli, plots
 from common.data import DataSpec, get_activations
 from common.metrics import recon_stats, residual_reduction
 from common.nfm import NFM, NFMConfig, predict, train_nfm
-from common.sae import SAEConfig, TopKSAE, codes_and_residuals, default_lr, load_sae_checkpoint, train_sae
-from common.train import split_selection_test
+from common.sae import (SAEConfig, TopKSAE, codes_and_residuals, default_dead_tokens, default_lr,
+                        load_sae_checkpoint, reconstruct_all, train_sae)
+from common.train import module_device, split_selection_test
 
 
 def build_parser():
@@ -44,12 +44,7 @@ def build_parser():
     g.add_argument("--nfm-dim", type=int, default=64, help="embedding dimension of the factorization (default: 64)")
     g.add_argument("--nfm-hidden", type=int, default=None, help="interaction MLP hidden width (default: --nfm-dim)")
     g.add_argument("--dropout", type=float, default=0.15, help="dropout on the bi-interaction vector (default: 0.15)")
-    t = p.add_argument_group("training")
-    t.add_argument("--batch-size", type=int, default=1024, help="tokens per step (default: 1024)")
-    t.add_argument("--epochs", type=float, default=6.0, help="passes over the training tokens (default: 6)")
-    t.add_argument("--steps", type=int, default=None, help="total steps; overrides --epochs")
-    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate for the NFM (default: 1e-3)")
-    t.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default: steps/20)")
+    cli.add_training_args(p, 1e-3, "1e-3 for the NFM; the residual SAE control uses 2e-4 / sqrt(n_latents / 2^14)")
     b = p.add_argument_group("control")
     b.add_argument("--baseline", choices=["residual_sae", "none"], default="residual_sae",
                    help="also train a secondary TopK SAE on the residual with >= the NFM's parameter count "
@@ -75,12 +70,13 @@ def main(argv=None):
 
     cfg = NFMConfig(n_features=sae.cfg.n_latents, d=d, dim=args.nfm_dim, hidden=args.nfm_hidden or args.nfm_dim,
                     dropout=args.dropout)
-    nfm = NFM(cfg)
-    steps = args.steps or max(1, int(args.epochs * train[0].shape[0] / args.batch_size))
+    device = cli.env_device(args.device)
+    sae.to(device)
+    nfm = NFM(cfg).to(device)
+    steps = cli.total_steps(args, train[0].shape[0])
     print(f"NFM on the residual of {args.sae}: dim={cfg.dim} hidden={cfg.hidden}, {nfm.param_counts()['total']:,} "
           f"parameters, {steps} steps of {args.batch_size} tokens")
-    fitres = train_nfm(nfm, *train, sel, steps, args.batch_size, args.lr, args.eval_every or max(1, steps // 20),
-                       args.seed)
+    fitres = train_nfm(nfm, *train, sel, steps, args.batch_size, args.lr, cli.eval_every(args, steps), args.seed)
 
     r_test = test[2]
     # Ablations of the trained model. Primary: mean-ablation, the removed path replaced by its mean output
@@ -148,12 +144,12 @@ def residual_sae_control(args, nfm, sae, r_train, r_sel, r_test, out, sae_ref, d
     d, n_params = sae.cfg.d, nfm.param_counts()["total"]
     n_latents = math.ceil((n_params - d) / (2 * d + 1))   # 2*n*d weights + n + d biases >= NFM parameters
     k = min(args.baseline_k or sae.cfg.k, n_latents)
-    steps = args.steps or max(1, int(args.epochs * r_train.shape[0] / args.batch_size))
-    ctl = TopKSAE(SAEConfig(d=d, n_latents=n_latents, k=k, dead_tokens=min(10_000_000, max(args.batch_size, steps * args.batch_size // 10))))
+    steps = cli.total_steps(args, r_train.shape[0])
+    ctl = TopKSAE(SAEConfig(d=d, n_latents=n_latents, k=k, dead_tokens=default_dead_tokens(steps, args.batch_size)))
+    ctl.to(module_device(nfm))
     fitres = train_sae(ctl, r_train, r_sel, steps, args.batch_size, default_lr(n_latents),
-                       args.eval_every or max(1, steps // 20), args.seed, "train residual SAE (control)")
-    with torch.no_grad():
-        r_hat = torch.cat([ctl(r_test[s:s + 4096])[0] for s in range(0, r_test.shape[0], 4096)])
+                       cli.eval_every(args, steps), args.seed, "train residual SAE (control)")
+    r_hat = reconstruct_all(ctl, r_test)
     n_ctl = sum(p.numel() for p in ctl.parameters())
     checkpoint.save(out / "residual_sae", "residual_sae", ctl.tensors(), {
         "hparams": ctl.hparams(), "data": data_desc, "seed": args.seed, "parents": {"sae": sae_ref},

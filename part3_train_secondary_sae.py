@@ -27,8 +27,9 @@ from common.data import DataSpec, get_activations
 from common.metrics import recon_stats, residual_reduction
 from common.nfm import NFM, hidden_all
 from common.normalize import MODES, Normalizer
-from common.sae import SAEConfig, TopKSAE, codes_and_residuals, default_lr, load_sae_checkpoint, train_sae
-from common.train import split_selection_test
+from common.sae import (SAEConfig, TopKSAE, codes_and_residuals, default_dead_tokens, default_lr,
+                        load_sae_checkpoint, reconstruct_all, train_sae)
+from common.train import batched, module_device, split_selection_test
 
 
 def build_parser():
@@ -43,12 +44,7 @@ def build_parser():
     g.add_argument("--n-latents", type=int, default=None, help="dictionary size (default: expansion x NFM hidden width)")
     g.add_argument("--k", type=int, default=16, help="active latents per token (default: 16)")
     g.add_argument("--normalize", choices=MODES, default="scalar", help="normalisation of u (default: scalar)")
-    t = p.add_argument_group("training")
-    t.add_argument("--batch-size", type=int, default=1024, help="tokens per step (default: 1024)")
-    t.add_argument("--epochs", type=float, default=6.0, help="passes over the training tokens (default: 6)")
-    t.add_argument("--steps", type=int, default=None, help="total steps; overrides --epochs")
-    t.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: 2e-4 / sqrt(n_latents / 2^14))")
-    t.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default: steps/20)")
+    cli.add_training_args(p, None, "2e-4 / sqrt(n_latents / 2^14)")
     return p
 
 
@@ -74,6 +70,9 @@ def main(argv=None):
     t0 = time.time()
 
     nfm, nfm_cfg, sae, norm, sae_cfg = load_nfm_and_sae(args.nfm, args.sae)
+    device = cli.env_device(args.device)
+    nfm.to(device)
+    sae.to(device)
     acts = get_activations(args, DataSpec.from_description(sae_cfg["data"]), parent=sae_cfg["data"], width=sae.cfg.d)
     idx_t, val_t, _ = codes_and_residuals(sae, norm.encode(acts.train))
     idx_v, val_v, r_v = codes_and_residuals(sae, norm.encode(acts.val))
@@ -85,22 +84,22 @@ def main(argv=None):
     u_sel = sel[0]
 
     hidden = nfm.cfg.hidden
-    cfg = SAEConfig(d=hidden, n_latents=args.n_latents or args.expansion * hidden, k=args.k)
-    steps = args.steps or max(1, int(args.epochs * u_train.shape[0] / args.batch_size))
-    cfg.dead_tokens = min(10_000_000, max(args.batch_size, steps * args.batch_size // 10))
-    sec = TopKSAE(cfg)
+    steps = cli.total_steps(args, u_train.shape[0])
+    cfg = SAEConfig(d=hidden, n_latents=args.n_latents or args.expansion * hidden, k=args.k,
+                    dead_tokens=default_dead_tokens(steps, args.batch_size))
+    sec = TopKSAE(cfg).to(device)
     lr = args.lr or default_lr(cfg.n_latents)
     print(f"secondary TopK SAE on the NFM hidden layer (post-MLP1, pre-ReLU, width {hidden}): "
           f"n_latents={cfg.n_latents} k={cfg.k}, {steps} steps")
     fitres = train_sae(sec, unorm.encode(u_train), u_sel, steps, args.batch_size, lr,
-                       args.eval_every or max(1, steps // 20), args.seed, "train secondary SAE")
+                       cli.eval_every(args, steps), args.seed, "train secondary SAE")
 
     test = recon_stats(sec, u_test, norm=unorm, with_density=True)
     firing = test.pop("firing_rate")
-    with torch.no_grad():
-        u_hat = unorm.decode(torch.cat([sec(u_test[s:s + 4096])[0] for s in range(0, u_test.shape[0], 4096)]))
-        intact = nfm_with_hidden(nfm, idx_test, val_test, unorm.decode(u_test))
-        replaced = nfm_with_hidden(nfm, idx_test, val_test, u_hat)
+    u_hat = unorm.decode(reconstruct_all(sec, u_test))
+    with_hidden = lambda i, v, u: nfm_with_hidden(nfm, i, v, u)  # noqa: E731
+    intact = batched(with_hidden, idx_test, val_test, unorm.decode(u_test), device=module_device(nfm))
+    replaced = batched(with_hidden, idx_test, val_test, u_hat, device=module_device(nfm))
     metrics = {
         "stage": "part3_train_secondary_sae",
         "input_tensor": "NFM interaction MLP hidden layer u = W_1 p + b_1 before ReLU (post-MLP1), eval mode, from "

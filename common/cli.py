@@ -111,6 +111,25 @@ def add_data_args(p: argparse.ArgumentParser, with_model_source: bool = True) ->
                    help="held-out tokens to collect for every reported metric (default: 20000)")
 
 
+def add_training_args(p: argparse.ArgumentParser, lr_default: float | None, lr_help: str) -> None:
+    t = p.add_argument_group("training")
+    t.add_argument("--batch-size", type=int, default=1024, help="tokens per step (default: 1024)")
+    t.add_argument("--epochs", type=float, default=6.0, help="passes over the training tokens (default: 6)")
+    t.add_argument("--steps", type=int, default=None, help="total steps; overrides --epochs")
+    t.add_argument("--lr", type=float, default=lr_default, help=f"Adam learning rate (default: {lr_help})")
+    t.add_argument("--eval-every", type=int, default=None,
+                   help="steps between evaluations on the held-out selection half (default: steps/20)")
+
+
+def total_steps(args, n_train: int) -> int:
+    """--steps, or --epochs passes over n_train rows."""
+    return args.steps or max(1, int(args.epochs * n_train / args.batch_size))
+
+
+def eval_every(args, steps: int) -> int:
+    return args.eval_every or max(1, steps // 20)
+
+
 def parse(p: argparse.ArgumentParser, argv=None, stage: str = "part1") -> argparse.Namespace:
     """Parse with presets: `--preset NAME` changes this stage's defaults, explicit flags still win."""
     pre, _ = p.parse_known_args(argv)

@@ -50,17 +50,17 @@ class ReconAccumulator:
 
 
 @torch.no_grad()
-def recon_stats(sae, x: torch.Tensor, batch: int = 4096, norm=None, x_raw: torch.Tensor | None = None,
-                with_density: bool = False) -> dict:
+def recon_stats(sae, x: torch.Tensor, batch: int = 4096, norm=None, with_density: bool = False) -> dict:
     """SAE metrics on normalised rows x. With `norm`, MSE/FVU/cosine are also given in the LM's raw units."""
     acc = ReconAccumulator(x.shape[1], sae.cfg.n_latents)
     raw = ReconAccumulator(x.shape[1]) if norm is not None else None
+    dev = next(sae.parameters()).device
     for s in range(0, x.shape[0], batch):
-        xb = x[s:s + batch].float()
+        xb = x[s:s + batch].to(dev).float()
         x_hat, idx, val = sae(xb)
         acc.add(xb, x_hat, idx, val)
         if raw is not None:
-            raw.add(norm.decode(xb), norm.decode(x_hat))
+            raw.add(norm.decode(xb.cpu()), norm.decode(x_hat.cpu()))
     out = acc.result()
     if raw is not None:
         r = raw.result()

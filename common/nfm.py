@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cli import UserError
+from .train import batched, module_device
 
 PATHS = ("linear", "interaction")
 
@@ -109,16 +110,16 @@ class NFM(nn.Module):
         return m.eval()
 
 
-@torch.no_grad()
 def predict(nfm: NFM, idx: torch.Tensor, val: torch.Tensor, paths=PATHS, batch: int = 8192) -> torch.Tensor:
+    """NFM output (chosen paths) for many rows, in eval mode; CPU in, CPU out."""
     nfm.eval()
-    return torch.cat([nfm(idx[s:s + batch], val[s:s + batch], paths) for s in range(0, idx.shape[0], batch)])
+    return batched(lambda i, v: nfm(i, v, paths), idx, val, batch=batch, device=module_device(nfm))
 
 
-@torch.no_grad()
 def hidden_all(nfm: NFM, idx: torch.Tensor, val: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+    """u = post-MLP1 (pre-ReLU) for many rows, in eval mode; CPU in, CPU out."""
     nfm.eval()
-    return torch.cat([nfm.hidden(idx[s:s + batch], val[s:s + batch]) for s in range(0, idx.shape[0], batch)])
+    return batched(nfm.hidden, idx, val, batch=batch, device=module_device(nfm))
 
 
 def train_nfm(nfm: NFM, idx: torch.Tensor, val: torch.Tensor, r: torch.Tensor, sel: tuple, steps: int,
@@ -127,9 +128,11 @@ def train_nfm(nfm: NFM, idx: torch.Tensor, val: torch.Tensor, r: torch.Tensor, s
     from .metrics import residual_reduction
     from .train import fit
 
+    dev = module_device(nfm)
+
     def step_loss(b):
-        pred = nfm(idx[b], val[b])
-        loss = (pred - r[b]).pow(2).mean()
+        pred = nfm(idx[b].to(dev, non_blocking=True), val[b].to(dev, non_blocking=True))
+        loss = (pred - r[b].to(dev, non_blocking=True)).pow(2).mean()
         return loss, {"loss": loss.item()}
 
     def evaluate():

@@ -22,6 +22,7 @@ W_dec is stored [n_latents, d] (one row per latent) so embedding_bag reads it di
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cli import UserError
+from .train import module_device
 
 
 @dataclass
@@ -44,6 +46,24 @@ class SAEConfig:
             raise UserError(f"sizes must be positive (d={self.d}, n_latents={self.n_latents}, k={self.k})")
         if self.k > self.n_latents:
             raise UserError(f"--k {self.k} exceeds --n-latents {self.n_latents}; choose k <= n_latents")
+
+
+def _scatter_outer(idx: torch.Tensor, g: torch.Tensor, x: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """sum_b sum_j g[b, j] * outer(e_{idx[b, j]}, x[b]) = G^T x with G the sparse [batch, n_latents] gradient.
+
+    Built as a CSR matrix over latents: O(batch * k) memory, where the obvious index_add of
+    [batch * k, d] outer products needs batch * k * d (54 GB at the paper's batch 4096, K 1024, d 3200)
+    and was 2-6x slower on CPU (measured in bench/RESULTS.md)."""
+    flat = idx.reshape(-1)
+    order = flat.argsort()
+    rows = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])[order]
+    crow = torch.zeros(n_latents + 1, dtype=torch.long, device=idx.device)
+    crow[1:] = torch.bincount(flat, minlength=n_latents).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        G = torch.sparse_csr_tensor(crow, rows, g.reshape(-1)[order], (n_latents, idx.shape[0]),
+                                    check_invariants=False)
+        return G @ x
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -64,8 +84,7 @@ class _TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(idx, weight, per_sample_weights=g.to(weight.dtype), mode="sum")
         if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros_like(weight)
-            grad_w.index_add_(0, idx.reshape(-1), (g.unsqueeze(2) * x.unsqueeze(1)).reshape(-1, x.shape[1]))
+            grad_w = _scatter_outer(idx, g.to(weight.dtype), x, weight.shape[0])
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
             grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1).to(weight.dtype))
@@ -163,20 +182,25 @@ class TopKSAE(nn.Module):
         return asdict(self.cfg)
 
 
+def default_dead_tokens(steps: int, batch_size: int) -> int:
+    """OpenAI's 10M tokens without firing, capped at a tenth of a short run so AuxK can act at all."""
+    return min(10_000_000, max(batch_size, steps * batch_size // 10))
+
+
 def default_lr(n_latents: int) -> float:
     """2e-4 / sqrt(n_latents / 2^14): the Adam scaling of dictionary_learning and sparsify."""
     return 2e-4 / math.sqrt(n_latents / 2 ** 14)
 
 
-@torch.no_grad()
 def encode_all(sae: TopKSAE, x: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k codes for many rows: (idx [n, k] long, val [n, k] float32)."""
-    idxs, vals = [], []
-    for s in range(0, x.shape[0], batch):
-        i, v = sae.encode(x[s:s + batch].float())
-        idxs.append(i)
-        vals.append(v)
-    return torch.cat(idxs), torch.cat(vals)
+    """Top-k codes for many rows: (idx [n, k] long, val [n, k] float32), on the CPU."""
+    from .train import batched
+    return batched(lambda xb: sae.encode(xb.float()), x, batch=batch, device=module_device(sae))
+
+
+def reconstruct_all(sae: TopKSAE, x: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+    from .train import batched
+    return batched(lambda xb: sae(xb.float())[0], x, batch=batch, device=module_device(sae))
 
 
 def train_sae(sae: TopKSAE, train_x: torch.Tensor, select_x: torch.Tensor, steps: int, batch_size: int,
@@ -185,10 +209,12 @@ def train_sae(sae: TopKSAE, train_x: torch.Tensor, select_x: torch.Tensor, steps
     from .metrics import recon_stats
     from .train import fit
 
-    sae.init_b_dec(train_x[torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(seed))[:batch_size]].float())
+    dev = module_device(sae)
+    first = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(seed))[:batch_size]
+    sae.init_b_dec(train_x[first].to(dev).float())
 
     def step_loss(idx):
-        return sae.loss(train_x[idx].float())
+        return sae.loss(train_x[idx].to(dev, non_blocking=True).float())
 
     def evaluate():
         st = recon_stats(sae, select_x)
@@ -211,6 +237,7 @@ def load_sae_checkpoint(path, flag: str = "--sae", kind: str = "sae"):
 @torch.no_grad()
 def codes_and_residuals(sae: TopKSAE, x_norm: torch.Tensor, batch: int = 4096):
     """For normalised rows: top-k code (idx, val) and the residual r = x - x_hat, all [n, ...]."""
+    from .train import batched
     idx, val = encode_all(sae, x_norm, batch)
-    x_hat = torch.cat([sae.decode(idx[s:s + batch], val[s:s + batch]) for s in range(0, idx.shape[0], batch)])
+    x_hat = batched(sae.decode, idx, val, batch=batch, device=module_device(sae))
     return idx, val, x_norm.float() - x_hat

@@ -96,6 +96,26 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
     return res
 
 
+@torch.no_grad()
+def batched(fn, *tensors: torch.Tensor, batch: int = 4096, device=None):
+    """Apply fn to row slices of CPU tensors on `device` (default: fn's module's device), results on CPU.
+
+    Datasets stay in CPU memory (at paper scale they do not fit on the GPU); each slice is moved over."""
+    if device is None:
+        device = next(fn.__self__.parameters()).device if hasattr(fn, "__self__") else torch.device("cpu")
+    outs = []
+    for s in range(0, tensors[0].shape[0], batch):
+        o = fn(*(t[s:s + batch].to(device, non_blocking=True) for t in tensors))
+        outs.append(tuple(x.cpu() for x in o) if isinstance(o, tuple) else o.cpu())
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
+
+
+def module_device(m: torch.nn.Module) -> torch.device:
+    return next(m.parameters()).device
+
+
 def split_selection_test(x: torch.Tensor, docs: torch.Tensor | None, *more: torch.Tensor):
     """Split held-out rows into a selection half and a test half, at a document boundary when known."""
     n = x.shape[0]
