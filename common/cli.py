@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 
 
+DEFAULT_TRAIN_TOKENS = 100_000   # demo-scale budgets when collecting from an LM
+DEFAULT_VAL_TOKENS = 20_000
+
+
 class UserError(Exception):
     """A problem with the user's input. The message names the problem and the fix, on one line."""
 
@@ -105,10 +109,12 @@ def add_data_args(p: argparse.ArgumentParser, with_model_source: bool = True) ->
     g.add_argument("--val-activations", default=None, metavar="FILE",
                    help="held-out activations in the same format; without it, the last tenth of the rows "
                         "of --activations (whole documents if 'doc_ids' is present) are held out")
-    g.add_argument("--train-tokens", type=int, default=100_000,
-                   help="training tokens (activation vectors) to collect (default: 100000)")
-    g.add_argument("--val-tokens", type=int, default=20_000,
-                   help="held-out tokens to collect for every reported metric (default: 20000)")
+    g.add_argument("--train-tokens", type=int, default=None,
+                   help=f"training tokens (activation vectors) to use (default: {DEFAULT_TRAIN_TOKENS} collected "
+                        f"from the LM, or every training row of --activations)")
+    g.add_argument("--val-tokens", type=int, default=None,
+                   help=f"held-out tokens for every reported metric (default: {DEFAULT_VAL_TOKENS} collected from "
+                        f"the LM, or every held-out row of the activation files)")
 
 
 def add_training_args(p: argparse.ArgumentParser, lr_default: float | None, lr_help: str) -> None:

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save_tensors
-from .cli import UserError
+from .cli import DEFAULT_TRAIN_TOKENS, DEFAULT_VAL_TOKENS, UserError
 
 WIKITEXT = {"wikitext-103": "wikitext-103-raw-v1", "wikitext-2": "wikitext-2-raw-v1"}
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -301,9 +301,10 @@ def get_activations(args, spec: DataSpec | None, width: int | None = None, lm: d
             (tr, trd), (va, vad) = (acts, docs), (vacts, vdocs)
         else:
             (tr, trd), (va, vad) = split_rows(acts, docs)
-        tr, va = tr[:args.train_tokens], va[:args.val_tokens]
-        trd = trd[:args.train_tokens] if trd is not None else None
-        vad = vad[:args.val_tokens] if vad is not None else None
+        n_tr, n_va = args.train_tokens or tr.shape[0], args.val_tokens or va.shape[0]
+        tr, va = tr[:n_tr], va[:n_va]
+        trd = trd[:n_tr] if trd is not None else None
+        vad = vad[:n_va] if vad is not None else None
         desc = {"source": "activation_file", "activations": str(Path(args.activations).resolve()),
                 "val_activations": str(Path(args.val_activations).resolve()) if args.val_activations else None,
                 "split": "file" if args.val_activations else ("last documents" if docs is not None else "last rows")}
@@ -317,8 +318,8 @@ def get_activations(args, spec: DataSpec | None, width: int | None = None, lm: d
                         f"retrain from part1 (or restore that model)")
     common = dict(lm_batch_size=args.lm_batch_size, cache_dir=args.cache_dir, dtype=args.dtype,
                   device=args.device, lm=lm)
-    tr, trd = cached_activations(spec, "train", args.train_tokens, **common)
-    va, vad = cached_activations(spec, "validation", args.val_tokens, **common)
+    tr, trd = cached_activations(spec, "train", args.train_tokens or DEFAULT_TRAIN_TOKENS, **common)
+    va, vad = cached_activations(spec, "validation", args.val_tokens or DEFAULT_VAL_TOKENS, **common)
     if width is not None and tr.shape[1] != width:
         raise UserError(f"layer {spec.layer} of {spec.model} has width {tr.shape[1]}, but the parent model expects {width}")
     desc = {"source": "model", **asdict(spec), "model_fingerprint": fingerprint, "split": "by document",

@@ -73,6 +73,7 @@ def test_activation_files_without_any_model(tmp_path):
                str(tmp_path / "p2"), *common)
     m1 = json.loads((tmp_path / "p1" / "metrics.json").read_text())
     assert m1["data"]["source"] == "activation_file" and m1["held_out_test"]["fvu"] < 1
+    assert (m1["data"]["train_tokens"], m1["data"]["val_tokens"]) == (5400, 600)   # every row; last 10% by document
     m2 = json.loads((tmp_path / "p2" / "metrics.json").read_text())
     assert "both" in m2["held_out_test"]["residual_reduction"]
 
