@@ -5,7 +5,7 @@
 PY := .venv/bin/python
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test setup clean
+.PHONY: demo test validate setup clean
 setup: .venv/.installed
 
 .venv/.installed: requirements.txt
@@ -22,6 +22,10 @@ demo: .venv/.installed
 
 test: .venv/.installed
 	$(PY) -m pytest -q tests
+
+# planted-ground-truth validation (README: "Does the method find interactions that are not there?")
+validate: .venv/.installed
+	$(PY) validate_planted_interactions.py
 
 clean:
 	rm -rf checkpoints/part1_sae checkpoints/part2_nfm checkpoints/part3_secondary_sae checkpoints/activation_cache

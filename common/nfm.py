@@ -95,6 +95,16 @@ class NFM(nn.Module):
             out = out + self.mlp2(F.relu(self.mlp1(self.drop(p))))
         return out
 
+    @torch.no_grad()
+    def pair_effect(self, i: torch.Tensor, j: torch.Tensor, ci: torch.Tensor, cj: torch.Tensor) -> torch.Tensor:
+        """||NFM(i, j) - NFM(i) - NFM(j) + NFM()|| with features i, j at activations ci, cj: the pair's
+        non-additive effect on the output. The linear path cancels, and the bi-interaction of a single
+        feature is 0, so this is ||q(ci cj (v_i * v_j)) - q(0)|| with q the dropout-free MLP of the pooled
+        vector: it includes the ReLU and W_2, not only the first layer."""
+        p = (ci * cj)[:, None] * self.V[i] * self.V[j]                  # [n_pairs, dim]
+        base = self.interaction_from_hidden(self.mlp1.bias)              # q(0) [d]
+        return (self.interaction_from_hidden(self.mlp1(p)) - base).norm(dim=-1)
+
     def param_counts(self) -> dict:
         lin = self.W_lin.numel() + self.b_lin.numel()
         inter = self.V.numel() + sum(p.numel() for p in (*self.mlp1.parameters(), *self.mlp2.parameters()))

@@ -60,3 +60,23 @@ def bars(labels: list[str], values: list[float], path: Path, title: str, ylabel:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def grouped_bars(labels: list[str], series: dict[str, list], path: Path, title: str, ylabel: str) -> Path:
+    """Bars per label, one colour per series (e.g. planted vs null); None values are left out."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4.2))
+    width = 0.8 / len(series)
+    x = np.arange(len(labels))
+    for i, (name, vals) in enumerate(series.items()):
+        v = np.array([np.nan if a is None else a for a in vals], dtype=float)
+        b = ax.bar(x + (i - (len(series) - 1) / 2) * width, v, width, label=name)
+        ax.bar_label(b, fmt="%.2f", fontsize=7)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
