@@ -13,12 +13,22 @@ setup: .venv/.installed
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
+STAGES := checkpoints/part1_sae checkpoints/part2_nfm checkpoints/part3_secondary_sae checkpoints/part5_joint \
+          checkpoints/part3_secondary_sae_joint checkpoints/part6_kl checkpoints/part4_inspect_sequential \
+          checkpoints/part4_inspect_joint checkpoints/part7_gram
+
 demo: .venv/.installed
 	$(PY) -m common.demo
 	$(PY) part1_train_topk_sae.py --out checkpoints/part1_sae
 	$(PY) part2_train_residual_nfm.py --sae checkpoints/part1_sae --out checkpoints/part2_nfm
 	$(PY) part3_train_secondary_sae.py --nfm checkpoints/part2_nfm --out checkpoints/part3_secondary_sae
-	@$(PY) -m common.summary checkpoints/part1_sae checkpoints/part2_nfm checkpoints/part3_secondary_sae
+	$(PY) part5_joint_sae_nfm.py --sae checkpoints/part1_sae --out checkpoints/part5_joint
+	$(PY) part3_train_secondary_sae.py --joint checkpoints/part5_joint --out checkpoints/part3_secondary_sae_joint
+	$(PY) part6_kl_divergence.py --sae checkpoints/part1_sae --nfm checkpoints/part2_nfm --joint checkpoints/part5_joint --out checkpoints/part6_kl
+	$(PY) part4_nfm_inspector.py --nfm checkpoints/part2_nfm --out checkpoints/part4_inspect_sequential
+	$(PY) part4_nfm_inspector.py --joint checkpoints/part5_joint --out checkpoints/part4_inspect_joint
+	$(PY) part7_gram_analysis.py --sae checkpoints/part1_sae --joint checkpoints/part5_joint --out checkpoints/part7_gram
+	@$(PY) -m common.summary $(STAGES)
 
 test: .venv/.installed
 	$(PY) -m pytest -q tests
@@ -28,4 +38,4 @@ validate: .venv/.installed
 	$(PY) validate_planted_interactions.py
 
 clean:
-	rm -rf checkpoints/part1_sae checkpoints/part2_nfm checkpoints/part3_secondary_sae checkpoints/activation_cache
+	rm -rf $(STAGES) checkpoints/activation_cache

@@ -62,6 +62,7 @@ def main(argv=None):
     dead_tokens = args.dead_tokens or default_dead_tokens(steps, args.batch_size)
     cfg = SAEConfig(d=d, n_latents=args.n_latents, k=args.k, auxk_alpha=args.auxk_alpha, dead_tokens=dead_tokens)
     sae = TopKSAE(cfg).to(cli.env_device(args.device))
+    init_sq_norm = sae.W_dec.detach().pow(2).sum(1).cpu()   # kept so part7 can tell trained norms from init values
     lr = args.lr or default_lr(args.n_latents)
     print(f"TopK SAE d={d} n_latents={cfg.n_latents} k={cfg.k}: {steps} steps of {args.batch_size} tokens "
           f"({x_train.shape[0]} training tokens), lr {lr:.2e}")
@@ -85,7 +86,7 @@ def main(argv=None):
         "data": acts.description,
         "history": fitres.history,
     }
-    checkpoint.save(out, "sae", {**sae.tensors(), **norm.tensors()}, {
+    checkpoint.save(out, "sae", {**sae.tensors(), **norm.tensors(), "init.sq_norm": init_sq_norm}, {
         "hparams": sae.hparams(), "normalize": args.normalize, "data": acts.description,
         "train": {k: v for k, v in metrics["train"].items() if k != "seconds"}, "seed": args.seed, "parents": {},
     })

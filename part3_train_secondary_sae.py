@@ -8,8 +8,13 @@ its own map (fitted on training tokens, saved with this SAE). The SAE code is pa
 Reported on held-out documents: FVU, L0 and dead fraction of the secondary SAE, and the NFM's residual
 reduction when u is replaced by its secondary-SAE reconstruction (against the intact NFM).
 
-Demo (after part2):
+With --joint, the same tensor of the joint model (part5): its shared code, its NFM interaction path (the
+reference never did this; it was the study's stated next step); the residual is then x minus the joint
+model's SAE path, which is what its NFM paths add to.
+
+Demo (after part2; after part5 for --joint):
     python part3_train_secondary_sae.py
+    python part3_train_secondary_sae.py --joint checkpoints/part5_joint --out checkpoints/part3_secondary_sae_joint
 Paper setup (25x expansion of the 300-dim hidden layer = 7,500 latents, K = 2% = 150):
     python part3_train_secondary_sae.py --preset paper --nfm checkpoints/paper/part2_nfm --out checkpoints/paper/part3_secondary_sae
 
@@ -25,6 +30,7 @@ import torch
 from common import checkpoint, cli, plots
 from common.data import DataSpec, get_activations
 from common.metrics import recon_stats, residual_reduction
+from common.joint import load_joint_checkpoint
 from common.nfm import NFM, hidden_all
 from common.normalize import MODES, Normalizer
 from common.sae import (SAEConfig, TopKSAE, codes_and_residuals, default_dead_tokens, default_lr,
@@ -35,9 +41,12 @@ from common.train import batched, module_device, split_selection_test
 def build_parser():
     p = cli.parser(__doc__)
     cli.add_common_args(p, "checkpoints/part3_secondary_sae")
-    p.add_argument("--nfm", default="checkpoints/part2_nfm", help="part2 output folder (default: checkpoints/part2_nfm)")
-    p.add_argument("--sae", default=None, help="part1 output folder the NFM was trained on (default: the path recorded "
-                                               "in the NFM's config; any other SAE is refused)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--nfm", default=None, help="part2 output folder (default: checkpoints/part2_nfm unless --joint)")
+    src.add_argument("--joint", default=None,
+                     help="part5 output folder: train on the joint model's interaction hidden layer instead")
+    p.add_argument("--sae", default=None, help="with --nfm: the part1 folder the NFM was trained on (default: the path "
+                                               "recorded in the NFM's config; any other SAE is refused)")
     cli.add_data_args(p, with_model_source=False)
     g = p.add_argument_group("secondary SAE")
     g.add_argument("--expansion", type=int, default=16, help="latents per hidden unit (default: 16)")
@@ -69,11 +78,18 @@ def main(argv=None):
     out = cli.prepare_out(args.out)
     t0 = time.time()
 
-    nfm, nfm_cfg, sae, norm, sae_cfg = load_nfm_and_sae(args.nfm, args.sae)
+    if args.joint:
+        joint, norm, joint_cfg = load_joint_checkpoint(args.joint)
+        nfm, sae, data_desc = joint.nfm, joint.sae, joint_cfg["data"]
+        parents = {"joint": checkpoint.parent_ref(joint_cfg)}
+    else:
+        nfm, nfm_cfg, sae, norm, sae_cfg = load_nfm_and_sae(args.nfm or "checkpoints/part2_nfm", args.sae)
+        data_desc = sae_cfg["data"]
+        parents = {"nfm": checkpoint.parent_ref(nfm_cfg), "sae": checkpoint.parent_ref(sae_cfg)}
     device = cli.env_device(args.device)
     nfm.to(device)
     sae.to(device)
-    acts = get_activations(args, DataSpec.from_description(sae_cfg["data"]), parent=sae_cfg["data"], width=sae.cfg.d)
+    acts = get_activations(args, DataSpec.from_description(data_desc), parent=data_desc, width=sae.cfg.d)
     idx_t, val_t, _ = codes_and_residuals(sae, norm.encode(acts.train))
     idx_v, val_v, r_v = codes_and_residuals(sae, norm.encode(acts.val))
     u_train = hidden_all(nfm, idx_t, val_t)                                   # [n_train, hidden]
@@ -104,6 +120,7 @@ def main(argv=None):
         "stage": "part3_train_secondary_sae",
         "input_tensor": "NFM interaction MLP hidden layer u = W_1 p + b_1 before ReLU (post-MLP1), eval mode, from "
                         "the primary SAE's top-k code of the normalised layer activation",
+        "source": "joint model " + args.joint if args.joint else "sequential NFM " + (args.nfm or "checkpoints/part2_nfm"),
         "held_out_test": {
             **test,
             "nfm_residual_reduction_intact": residual_reduction(r_test, intact),
@@ -119,7 +136,7 @@ def main(argv=None):
     checkpoint.save(out, "secondary_sae", {**sec.tensors(), **unorm.tensors()}, {
         "hparams": sec.hparams(), "normalize": args.normalize, "input": "nfm.hidden (post-MLP1, pre-ReLU)",
         "data": acts.description, "seed": args.seed, "train": {k: v for k, v in metrics["train"].items() if k != "seconds"},
-        "parents": {"nfm": checkpoint.parent_ref(nfm_cfg), "sae": checkpoint.parent_ref(sae_cfg)}})
+        "parents": parents})
     cli.write_json(out / "metrics.json", metrics)
     pngs = [plots.training_curves(fitres.history, ["fvu"], out / "training_curves.png",
                                   f"secondary SAE n={cfg.n_latents} k={cfg.k}", fitres.best_step),

@@ -49,6 +49,8 @@ PRESETS = {
         "part1": {**PAPER_COMMON, "n_latents": 50_000, "k": 1024, "train_tokens": 1_000_000, "batch_size": 4096},
         "part2": {**PAPER_COMMON, "nfm_dim": 300, "train_tokens": 5_000_000, "batch_size": 1024},
         "part3": {**PAPER_COMMON, "expansion": 25, "k": 150, "train_tokens": 1_000_000, "batch_size": 4096},
+        "part5": {**PAPER_COMMON, "n_latents": 50_000, "k": 1024, "nfm_dim": 300, "train_tokens": 5_000_000,
+                  "batch_size": 4096},
     },
 }
 
@@ -188,7 +190,7 @@ def report(out: Path, metrics_file: Path, pngs: list[Path]) -> None:
     print(f"\nresults in {out}/")
     print(f"  metrics: {metrics_file}")
     for p in pngs:
-        print(f"  plot:    {p}")
+        print(f"  {'plot:' if str(p).endswith('.png') else 'file:':8s} {p}")
 
 
 def env_device(name: str) -> str:

@@ -105,6 +105,20 @@ class NFM(nn.Module):
         base = self.interaction_from_hidden(self.mlp1.bias)              # q(0) [d]
         return (self.interaction_from_hidden(self.mlp1(p)) - base).norm(dim=-1)
 
+    @torch.no_grad()
+    def interaction_leave_one_out(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+        """||q(f) - q(f without feature j)|| for each active feature j of each row: [batch, k].
+
+        Closed form of the pooled vector without j: s' = s - f_j v_j, t' = t - f_j^2 v_j^2, p' = (s'^2 - t')/2,
+        so no [batch, n_features] tensor is built; the MLP runs on [batch, k, dim]."""
+        fv = val[..., None] * self.V[idx]                                 # [batch, k, dim]
+        s, t = fv.sum(1, keepdim=True), (fv * fv).sum(1, keepdim=True)
+        p_full = 0.5 * (s * s - t)                                        # [batch, 1, dim]
+        p_wo = 0.5 * ((s - fv) ** 2 - (t - fv * fv))                      # [batch, k, dim]
+        q_full = self.interaction_from_hidden(self.mlp1(p_full))
+        q_wo = self.interaction_from_hidden(self.mlp1(p_wo))
+        return (q_full - q_wo).norm(dim=-1) * (val > 0)
+
     def param_counts(self) -> dict:
         lin = self.W_lin.numel() + self.b_lin.numel()
         inter = self.V.numel() + sum(p.numel() for p in (*self.mlp1.parameters(), *self.mlp2.parameters()))

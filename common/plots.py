@@ -80,3 +80,86 @@ def grouped_bars(labels: list[str], series: dict[str, list], path: Path, title: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def bars_ci(labels: list[str], values: list[float], cis: list[list[float]], path: Path, title: str, ylabel: str,
+            log_y: bool = False) -> Path:
+    """Bars with asymmetric confidence-interval whiskers."""
+    v = np.asarray(values, float)
+    lo = v - np.asarray([c[0] for c in cis], float)
+    hi = np.asarray([c[1] for c in cis], float) - v
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4.5))
+    ax.bar(range(len(labels)), v, yerr=np.vstack([lo, hi]), capsize=3, color="tab:blue")
+    ax.set_xticks(range(len(labels)), labels, rotation=40, ha="right", fontsize=8)
+    if log_y and (v > 0).all():
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def histogram_grid(samples: dict[str, list], path: Path, xlabel: str, log10: bool = True) -> Path:
+    """One histogram panel per entry (e.g. per-token KL of each spliced variant)."""
+    n = len(samples)
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.6 * rows), squeeze=False)
+    for ax, (name, vals) in zip(axes.flat, samples.items()):
+        a = np.asarray(vals, float)
+        a = np.log10(np.clip(a, 1e-8, None)) if log10 else a
+        ax.hist(a, bins=50, color="tab:blue")
+        ax.set_title(f"{name}\nmean {np.mean(vals):.3g}", fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def bar_panels(panels: dict[str, list[dict]], path: Path) -> Path:
+    """One horizontal bar panel per ranking ([{"feature", "value"}, ...])."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.5), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], panels.items()):
+        ax.barh([str(r["feature"]) for r in rows][::-1], [r["value"] for r in rows][::-1], color="tab:blue")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("contribution / score", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def overlaid_histograms(data: dict[str, tuple], path: Path, xlabel: str) -> Path:
+    """Per model: the trained values and, as a line, their values at initialisation."""
+    fig, axes = plt.subplots(1, len(data), figsize=(4.5 * len(data), 3.6), squeeze=False)
+    for ax, (name, (vals, init)) in zip(axes[0], data.items()):
+        ax.hist(vals, bins=60, color="tab:blue", label="trained")
+        for v in np.unique(np.round(init, 4))[:3]:
+            ax.axvline(v, color="tab:red", ls="--", lw=1, label="init" if v == np.unique(np.round(init, 4))[0] else None)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def scatter_panels(x, ys: dict[str, np.ndarray], path: Path, xlabel: str, threshold: float | None = None) -> Path:
+    fig, axes = plt.subplots(1, len(ys), figsize=(3.6 * len(ys), 3.4), squeeze=False)
+    for ax, (name, y) in zip(axes[0], ys.items()):
+        ax.scatter(x, y, s=3, alpha=0.4)
+        if threshold is not None:
+            ax.axvline(threshold, color="grey", ls=":", lw=1)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(f"{name} share", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -146,13 +146,17 @@ class TopKSAE(nn.Module):
         total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
         fvu = (x - x_hat).pow(2).sum() / total_var
         aux = self.auxk_loss(x, x_hat, total_var)
-        with torch.no_grad():
-            fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
-            fired[idx[val > 0]] = True
-            self.since_fired += x.shape[0]
-            self.since_fired[fired] = 0
+        self.track_firing(idx, val, x.shape[0])
         return fvu + self.cfg.auxk_alpha * aux, {"fvu": fvu.item(), "auxk": aux.item(),
                                                  "dead_frac": float((self.since_fired >= self.cfg.dead_tokens).float().mean())}
+
+    @torch.no_grad()
+    def track_firing(self, idx: torch.Tensor, val: torch.Tensor, n_tokens: int) -> None:
+        """Update the tokens-since-last-fired counters that define AuxK's dead latents."""
+        fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
+        fired[idx[val > 0]] = True
+        self.since_fired += n_tokens
+        self.since_fired[fired] = 0
 
     @torch.no_grad()
     def init_b_dec(self, x: torch.Tensor) -> None:
@@ -230,7 +234,7 @@ def load_sae_checkpoint(path, flag: str = "--sae", kind: str = "sae"):
     from .normalize import Normalizer
 
     tensors, cfg = load(path, kind, flag)
-    sae = TopKSAE.from_tensors({k: v for k, v in tensors.items() if not k.startswith("norm.")}, cfg["hparams"])
+    sae = TopKSAE.from_tensors({k: v for k, v in tensors.items() if not k.startswith(("norm.", "init."))}, cfg["hparams"])
     return sae, Normalizer.from_tensors(tensors, cfg["normalize"]), cfg
 
 

@@ -19,6 +19,22 @@ def headline(m: dict) -> str:
         if "baseline_residual_sae" in m:
             s += f"; residual-SAE control {m['baseline_residual_sae']['residual_reduction']:.3f}"
         return s
+    if stage.startswith("part4"):
+        return (f"{m['model']} NFM: linear share of output magnitude {h['linear_share_of_output_magnitude']:.1%}; "
+                f"top interaction partners of feature {m['partners']['feature']}: "
+                + ", ".join(str(r["feature"]) for r in m["partners"]["ranking"][:5]))
+    if stage.startswith("part5"):
+        z, c = h["fvu_zero_ablation"], m["comparisons"]
+        return (f"FVU joint {z['full']:.4f} (its SAE path {z['sae']:.4f}) vs standalone SAE of equal parameters "
+                f"{c['standalone_sae']['fvu']:.4f}: {c['joint_vs_standalone_relative_fvu_reduction']:+.1%}")
+    if stage.startswith("part6"):
+        v = m["variants"]
+        keys = [k for k in ("sae", "sae+nfm", "joint_sae", "joint_full", "standalone_sae") if k in v]
+        return "KL per token: " + ", ".join(f"{k} {v[k]['kl']:.4f}" for k in keys) + (
+            f"; SAE / eps-random {v['sae']['kl_ratio_to_eps_random']:.2f}x" if "kl_ratio_to_eps_random" in v.get("sae", {}) else "")
+    if stage.startswith("part7"):
+        return "; ".join(f"{name}: sq-norm mean {r['squared_norm_mean']:.3f}, two modes {r['bimodality']['two_modes']}"
+                         for name, r in m["models"].items())
     s = f"FVU {h['fvu']:.4f}, L0 {h['l0']:.1f}, dead {h['dead_fraction']:.1%}"
     if "nfm_residual_reduction_with_secondary_reconstruction" in h:
         s += (f"; NFM residual reduction {h['nfm_residual_reduction_intact']:.3f} intact -> "

@@ -38,3 +38,16 @@ def run_script(script: str, *args: str, check: bool = True) -> subprocess.Comple
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_demo, tmp_path_factory):
+    """part1 -> part2 -> part3 on the tiny demo with tiny settings (run once per session)."""
+    out = tmp_path_factory.mktemp("pipe")
+    data = ["--train-tokens", "12000", "--val-tokens", "3000", "--epochs", "2", "--cache-dir", str(out / "cache")]
+    run_script("part1_train_topk_sae.py", "--model", str(tiny_demo), "--dataset", str(tiny_demo / "corpus.txt"),
+               "--layer", "1", "--n-latents", "128", "--k", "8", "--out", str(out / "p1"), *data)
+    run_script("part2_train_residual_nfm.py", "--sae", str(out / "p1"), "--nfm-dim", "16", "--out", str(out / "p2"), *data)
+    run_script("part3_train_secondary_sae.py", "--nfm", str(out / "p2"), "--expansion", "4", "--k", "4",
+               "--out", str(out / "p3"), *data)
+    return out

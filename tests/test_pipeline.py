@@ -8,18 +8,6 @@ from conftest import run_script
 
 
 
-@pytest.fixture(scope="module")
-def pipeline(tiny_demo, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipe")
-    data = ["--train-tokens", "12000", "--val-tokens", "3000", "--epochs", "2", "--cache-dir", str(out / "cache")]
-    run_script("part1_train_topk_sae.py", "--model", str(tiny_demo), "--dataset", str(tiny_demo / "corpus.txt"),
-               "--layer", "1", "--n-latents", "128", "--k", "8", "--out", str(out / "p1"), *data)
-    run_script("part2_train_residual_nfm.py", "--sae", str(out / "p1"), "--nfm-dim", "16", "--out", str(out / "p2"), *data)
-    run_script("part3_train_secondary_sae.py", "--nfm", str(out / "p2"), "--expansion", "4", "--k", "4",
-               "--out", str(out / "p3"), *data)
-    return out
-
-
 def test_part1_outputs(pipeline):
     d = pipeline / "p1"
     for f in ("model.safetensors", "config.json", "metrics.json", "training_curves.png", "feature_density.png"):

@@ -1,0 +1,136 @@
+"""Per-feature statistics of trained NFM / joint weights and of their contributions on data.
+
+  Gini(w)            a = |w| sorted ascending, n entries: 2 sum_j j a_(j) / (n sum a) - (n + 1) / n  (0 = even,
+                     -> 1 = one entry); 0 for an all-zero vector (as the original study's inspector)
+  effective rank(w)  exp(H(p)), p = |w| / sum |w|: the effective number of entries in use (1 for all-zero)
+  L0(w)              number of entries with |w| > 1e-8
+  per-feature contribution on held-out tokens (mean over all tokens, so rare features weigh less):
+    direct / linear  f_i ||W_dec[i]|| and f_i ||W_lin[i]|| (the output each path adds for feature i)
+    interaction      ||q(f) - q(f without i)|| (NFM.interaction_leave_one_out)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def gini(w: torch.Tensor) -> torch.Tensor:
+    """Row-wise Gini of |w| [n_rows, n] -> [n_rows]."""
+    a = w.abs().double().sort(dim=-1).values
+    n = a.shape[-1]
+    total = a.sum(-1)
+    j = torch.arange(1, n + 1, dtype=torch.float64)
+    g = 2 * (a * j).sum(-1) / (n * total.clamp_min(1e-300)) - (n + 1) / n
+    return torch.where(total > 1e-12, g.clamp(0, 1), torch.zeros_like(g))
+
+
+def effective_rank(w: torch.Tensor) -> torch.Tensor:
+    a = w.abs().double()
+    total = a.sum(-1, keepdim=True)
+    p = a / total.clamp_min(1e-300)
+    h = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+    return torch.where(total.squeeze(-1) > 1e-12, h.exp(), torch.ones_like(h))
+
+
+def l0(w: torch.Tensor) -> torch.Tensor:
+    return (w.abs() > 1e-8).sum(-1)
+
+
+@torch.no_grad()
+def feature_contributions(nfm, idx: torch.Tensor, val: torch.Tensor, n_features: int, W_dec: torch.Tensor | None = None,
+                          max_elems: int = 1 << 24) -> dict[str, torch.Tensor]:
+    """Mean per-token contribution of each feature through each path, plus activation frequency. CPU out."""
+    dev = nfm.V.device
+    k, d = idx.shape[1], nfm.cfg.d
+    chunk = max(1, max_elems // (k * max(d, nfm.cfg.dim)))
+    out = {name: torch.zeros(n_features, dtype=torch.float64) for name in ("linear", "interaction", "direct", "freq")}
+    lin_norm = nfm.W_lin.norm(dim=1)
+    dec_norm = W_dec.norm(dim=1) if W_dec is not None else None
+    for s in range(0, idx.shape[0], chunk):
+        i, v = idx[s:s + chunk].to(dev), val[s:s + chunk].to(dev)
+        flat, act = i.reshape(-1).cpu(), (v > 0).reshape(-1).cpu()
+        out["freq"].index_add_(0, flat, act.double())
+        out["linear"].index_add_(0, flat, (v * lin_norm[i]).reshape(-1).double().cpu())
+        out["interaction"].index_add_(0, flat, nfm.interaction_leave_one_out(i, v).reshape(-1).double().cpu())
+        if dec_norm is not None:
+            out["direct"].index_add_(0, flat, (v * dec_norm[i]).reshape(-1).double().cpu())
+    n = idx.shape[0]
+    res = {k_: v_ / n for k_, v_ in out.items()}
+    if W_dec is None:
+        del res["direct"]
+    return res
+
+
+def top_overlap(a: torch.Tensor, b: torch.Tensor, top: int) -> dict:
+    ta, tb = set(a.topk(top).indices.tolist()), set(b.topk(top).indices.tolist())
+    return {"top": top, "shared": len(ta & tb), "jaccard": len(ta & tb) / len(ta | tb)}
+
+
+def coactivation(idx: torch.Tensor, val: torch.Tensor, feature: int, n_features: int) -> torch.Tensor:
+    """Fraction of tokens on which `feature` and each other feature are both active: [n_features]."""
+    rows = ((idx == feature) & (val > 0)).any(1)
+    i, v = idx[rows], val[rows]
+    c = torch.bincount(i[v > 0], minlength=n_features).double()
+    c[feature] = 0
+    return c / idx.shape[0]
+
+
+def corr_with_ci(x: np.ndarray, y: np.ndarray, alpha: float = 0.05) -> dict:
+    """Pearson and Spearman r with Fisher-z confidence intervals (Bonett-Wright standard error for Spearman)."""
+    from scipy import stats
+
+    n = len(x)
+    z = stats.norm.ppf(1 - alpha / 2)
+    out = {}
+    for name, (r, p) in (("pearson", stats.pearsonr(x, y)), ("spearman", stats.spearmanr(x, y))):
+        r = float(r)
+        se = 1 / math.sqrt(n - 3) if name == "pearson" else math.sqrt((1 + r * r / 2) / (n - 3))
+        zr = math.atanh(max(min(r, 0.999999), -0.999999))
+        out[name] = {"r": r, "ci": [math.tanh(zr - z * se), math.tanh(zr + z * se)], "p": float(p), "n": n}
+    return out
+
+
+@torch.no_grad()
+def max_abs_cosine(E: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, float]:
+    """Per row of E [n, d]: the largest |cos| to any *other* row, and the mean |cos| over all off-diagonal
+    pairs, computed in row chunks so no n x n matrix is held (memory O(chunk * n))."""
+    U = torch.nn.functional.normalize(E.double(), dim=1)
+    n = U.shape[0]
+    best = torch.empty(n, dtype=torch.float64)
+    total = 0.0
+    for s in range(0, n, chunk):
+        c = (U[s:s + chunk] @ U.T).abs()                                 # [chunk, n]
+        rows = torch.arange(c.shape[0])
+        c[rows, rows + s] = 0.0                                          # drop self-similarity
+        best[s:s + chunk] = c.max(1).values
+        total += float(c.sum())
+    return best, total / (n * (n - 1))
+
+
+def gmm_bic(x: np.ndarray, iters: int = 300, seed: int = 0) -> dict:
+    """1- vs 2-component Gaussian mixture on 1-D data by EM; BIC = -2 log L + p log n (lower is better).
+    delta_bic = BIC(1) - BIC(2): > 10 is strong evidence for two modes (Kass & Raftery)."""
+    x = np.asarray(x, float)
+    n = len(x)
+    mu1, sd1 = x.mean(), max(x.std(), 1e-9)
+    ll1 = float(np.sum(-0.5 * ((x - mu1) / sd1) ** 2 - np.log(sd1 * math.sqrt(2 * math.pi))))
+    bic1 = -2 * ll1 + 2 * math.log(n)
+    mu = np.quantile(x, [0.25, 0.75]).astype(float)
+    sd = np.full(2, max(x.std() / 2, 1e-6))
+    w = np.array([0.5, 0.5])
+    floor = max(1e-6, 1e-3 * x.std())
+    for _ in range(iters):
+        dens = w * np.exp(-0.5 * ((x[:, None] - mu) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
+        tot = np.maximum(dens.sum(1, keepdims=True), 1e-300)
+        r = dens / tot
+        nk = np.maximum(r.sum(0), 1e-12)
+        w, mu = nk / n, (r * x[:, None]).sum(0) / nk
+        sd = np.maximum(np.sqrt((r * (x[:, None] - mu) ** 2).sum(0) / nk), floor)
+    dens = w * np.exp(-0.5 * ((x[:, None] - mu) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
+    ll2 = float(np.log(np.maximum(dens.sum(1), 1e-300)).sum())
+    bic2 = -2 * ll2 + 5 * math.log(n)
+    order = np.argsort(mu)
+    return {"bic_one": bic1, "bic_two": bic2, "delta_bic": bic1 - bic2, "two_modes": bool(bic1 - bic2 > 10),
+            "means": mu[order].tolist(), "stds": sd[order].tolist(), "weights": w[order].tolist()}

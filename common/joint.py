@@ -1,0 +1,87 @@
+"""Joint SAE + NFM: one TopK encoder feeding three additive paths, trained together (Claflin 2025, part15).
+
+    idx, val = TopK(ReLU(W_enc (x - b_dec) + b_enc))                    # the shared sparse code f
+    x_hat    = [W_dec f + b_dec]  +  [W_lin f + b_lin]  +  [MLP(BiInteraction(f))]
+                 SAE path            NFM linear path       NFM interaction path
+Loss: FVU of x_hat (as the SAE's) + AuxK on the dead latents (common/sae.py). Gradients reach the encoder
+through the values of the selected latents from all three paths. The SAE recipe (tied init, unit-norm W_dec
+with parallel-gradient removal, b_dec from the data) is kept for the SAE path; W_lin is unconstrained and
+starts at zero, so training starts from a plain TopK SAE.
+
+Note the design the study chose: W_dec f + W_lin f is a second linear decoder of the same code, so the
+"SAE path alone" is not a standalone SAE. part5 therefore also compares against a standalone TopK SAE with
+the same parameter count and token budget.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .nfm import NFM, NFMConfig
+from .sae import SAEConfig, TopKSAE
+
+# the additive paths and the variants reported for them
+VARIANTS = {"sae": ("sae",), "sae+linear": ("sae", "linear"), "sae+interaction": ("sae", "interaction"),
+            "full": ("sae", "linear", "interaction")}
+
+
+class JointModel(nn.Module):
+    def __init__(self, sae_cfg: SAEConfig, nfm_cfg: NFMConfig):
+        super().__init__()
+        self.sae = TopKSAE(sae_cfg)
+        self.nfm = NFM(nfm_cfg)
+
+    def paths(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Each path's output [batch, d] for normalised x [batch, d], and the code (idx, val)."""
+        idx, val = self.sae.encode(x)
+        return {"sae": self.sae.decode(idx, val), "linear": self.nfm.linear(idx, val),
+                "interaction": self.nfm.interaction(idx, val)}, idx, val
+
+    def forward(self, x: torch.Tensor, paths=("sae", "linear", "interaction")) -> torch.Tensor:
+        out, _, _ = self.paths(x)
+        return sum(out[p] for p in paths)
+
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        out, idx, val = self.paths(x)
+        x_hat = out["sae"] + out["linear"] + out["interaction"]
+        total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        fvu = (x - x_hat).pow(2).sum() / total_var
+        aux = self.sae.auxk_loss(x, x_hat, total_var)
+        self.sae.track_firing(idx, val, x.shape[0])
+        return fvu + self.sae.cfg.auxk_alpha * aux, {"fvu": fvu.item(), "auxk": aux.item()}
+
+    def param_counts(self) -> dict:
+        sae = sum(p.numel() for p in self.sae.parameters())
+        nfm = self.nfm.param_counts()
+        return {"sae": sae, "nfm_linear": nfm["linear"], "nfm_interaction": nfm["interaction"],
+                "total": sae + nfm["total"]}
+
+    def hparams(self) -> dict:
+        return {"sae": self.sae.hparams(), "nfm": self.nfm.hparams()}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], hp: dict) -> "JointModel":
+        m = cls(SAEConfig(**hp["sae"]), NFMConfig(**hp["nfm"]))
+        m.load_state_dict({k: v for k, v in t.items() if not k.startswith(("norm.", "init."))})
+        return m.eval()
+
+
+def load_joint_checkpoint(path, flag: str = "--joint"):
+    """(joint model, normalizer, config) from a part5 checkpoint folder."""
+    from .checkpoint import load
+    from .normalize import Normalizer
+
+    tensors, cfg = load(path, "joint", flag)
+    return JointModel.from_tensors(tensors, cfg["hparams"]), Normalizer.from_tensors(tensors, cfg["normalize"]), cfg
+
+
+@torch.no_grad()
+def path_outputs(model: JointModel, x: torch.Tensor, batch: int = 4096) -> dict[str, torch.Tensor]:
+    """Each path's output for many normalised rows, on the CPU."""
+    from .train import batched, module_device
+
+    model.eval()
+    names = ("sae", "linear", "interaction")
+    outs = batched(lambda xb: tuple(model.paths(xb.float())[0][n] for n in names), x, batch=batch,
+                   device=module_device(model))
+    return dict(zip(names, outs))

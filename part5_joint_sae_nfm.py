@@ -1,0 +1,171 @@
+"""part5: joint SAE + NFM: one TopK encoder feeding the SAE decoder, the NFM linear path and the NFM
+interaction path, trained together on FVU to x (+ AuxK). See common/joint.py.
+
+Reported on held-out documents (FVU in the LM's units; the paths removed by zero-ablation, as the study did,
+and by mean-ablation, the removed path replaced by its mean output on training tokens):
+  - the joint model's SAE path alone, SAE + linear, SAE + interaction, and all three;
+  - a standalone TopK SAE with the same parameter count (a wider dictionary) and the same token budget,
+    trained here or given with --baseline-sae; the joint model is reported against it *and* against its
+    own SAE path (the reference's "41.3%" used only the latter);
+  - optionally the part1 SAE (--sae) on the same held-out tokens.
+
+Demo (after part1):
+    python part5_joint_sae_nfm.py --sae checkpoints/part1_sae
+Paper setup (50k latents, K=1024, NFM dim 300; 5M tokens):
+    python part5_joint_sae_nfm.py --preset paper --out checkpoints/paper/part5_joint
+Your own activations:
+    python part5_joint_sae_nfm.py --activations acts.safetensors --out checkpoints/mine/part5_joint
+
+Writes to --out: model.safetensors + config.json (kind "joint"), baseline_sae/ (a part1-style SAE
+checkpoint), metrics.json, training_curves.png, fvu_by_variant.png.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from common import checkpoint, cli, plots
+from common.data import DataSpec, get_activations
+from common.joint import VARIANTS, JointModel, path_outputs
+from common.metrics import ReconAccumulator, recon_stats
+from common.nfm import NFMConfig
+from common.normalize import MODES, Normalizer
+from common.sae import SAEConfig, TopKSAE, default_dead_tokens, default_lr, load_sae_checkpoint, reconstruct_all, train_sae
+from common.train import fit, module_device, split_selection_test
+
+
+def build_parser():
+    p = cli.parser(__doc__)
+    cli.add_common_args(p, "checkpoints/part5_joint")
+    cli.add_data_args(p)
+    g = p.add_argument_group("joint model")
+    g.add_argument("--n-latents", type=int, default=2048, help="dictionary size of the shared encoder (default: 2048)")
+    g.add_argument("--k", type=int, default=32, help="active latents per token (default: 32)")
+    g.add_argument("--nfm-dim", type=int, default=64, help="NFM embedding dimension (default: 64)")
+    g.add_argument("--nfm-hidden", type=int, default=None, help="interaction MLP hidden width (default: --nfm-dim)")
+    g.add_argument("--dropout", type=float, default=0.15, help="dropout on the bi-interaction vector (default: 0.15)")
+    g.add_argument("--normalize", choices=MODES, default="scalar", help="activation normalisation (default: scalar)")
+    g.add_argument("--auxk-alpha", type=float, default=1 / 32, help="AuxK coefficient (default: 1/32)")
+    cli.add_training_args(p, None, "2e-4 / sqrt(n_latents / 2^14), for the joint model and the baseline alike")
+    b = p.add_argument_group("comparisons")
+    b.add_argument("--baseline-sae", default=None, metavar="DIR",
+                   help="a trained standalone SAE to compare against instead of training the parameter-matched one")
+    b.add_argument("--sae", default=None, metavar="DIR", help="also report this part1 SAE on the same held-out tokens")
+    return p
+
+
+def fvu_raw(norm: Normalizer, x_norm, x_hat_norm) -> float:
+    acc = ReconAccumulator(x_norm.shape[1])
+    acc.add(norm.decode(x_norm), norm.decode(x_hat_norm))
+    return acc.result()["fvu"]
+
+
+def main(argv=None):
+    args = cli.parse(build_parser(), argv, stage="part5")
+    cli.seed_everything(args.seed)
+    out = cli.prepare_out(args.out)
+    t0 = time.time()
+    device = cli.env_device(args.device)
+
+    spec = None if args.activations else DataSpec.from_args(args)
+    acts = get_activations(args, spec)
+    d = acts.train.shape[1]
+    norm = Normalizer.fit(acts.train, args.normalize)
+    x_train = norm.encode(acts.train)
+    (x_sel,), (x_test,) = split_selection_test(norm.encode(acts.val), acts.val_docs)
+
+    steps = cli.total_steps(args, x_train.shape[0])
+    sae_cfg = SAEConfig(d=d, n_latents=args.n_latents, k=args.k, auxk_alpha=args.auxk_alpha,
+                        dead_tokens=default_dead_tokens(steps, args.batch_size))
+    nfm_cfg = NFMConfig(n_features=args.n_latents, d=d, dim=args.nfm_dim, hidden=args.nfm_hidden or args.nfm_dim,
+                        dropout=args.dropout)
+    model = JointModel(sae_cfg, nfm_cfg).to(device)
+    params = model.param_counts()
+    lr = args.lr or default_lr(args.n_latents)
+    print(f"joint SAE+NFM d={d} n_latents={args.n_latents} k={args.k} nfm_dim={args.nfm_dim}: "
+          f"{params['total']:,} parameters, {steps} steps of {args.batch_size} tokens, lr {lr:.2e}")
+    model.sae.init_b_dec(x_train[:args.batch_size].to(device).float())
+    # squared norm of each feature's effective linear decoder W_dec[i] + W_lin[i] at init, kept for part7
+    init_sq_norm = (model.sae.W_dec + model.nfm.W_lin).detach().pow(2).sum(1).cpu()
+
+    def step_loss(idx):
+        return model.loss(x_train[idx].to(device, non_blocking=True).float())
+
+    def evaluate():
+        o = path_outputs(model, x_sel)
+        f = fvu_raw(norm, x_sel, o["sae"] + o["linear"] + o["interaction"])
+        return {"val_loss": f, "val_fvu": f}
+
+    fitres = fit(model, x_train.shape[0], args.batch_size, steps, lr, step_loss, evaluate, cli.eval_every(args, steps),
+                 args.seed, "train joint SAE+NFM", before_step=model.sae.remove_parallel_grad,
+                 after_step=model.sae.renorm_decoder)
+
+    # held-out report: every variant, zero- and mean-ablated
+    o = path_outputs(model, x_test)
+    o_train = path_outputs(model, x_train[:50_000])
+    means = {p: v.mean(0) for p, v in o_train.items()}
+    zero = {name: fvu_raw(norm, x_test, sum(o[p] for p in paths)) for name, paths in VARIANTS.items()}
+    mean_abl = {name: fvu_raw(norm, x_test, sum(o[p] if p in paths else means[p] for p in o)) for name, paths in VARIANTS.items()}
+    code_stats = recon_stats(model.sae, x_test)          # L0 / dead of the shared code (its FVU is the SAE path's)
+    report = {"fvu_zero_ablation": zero, "fvu_mean_ablation": mean_abl, "l0": code_stats["l0"],
+              "dead_fraction": code_stats["dead_fraction"], "n_tokens": int(x_test.shape[0])}
+
+    # the standalone comparison: same parameter count (wider dictionary), same tokens and steps
+    if args.baseline_sae:
+        base, base_norm, base_cfg = load_sae_checkpoint(args.baseline_sae, "--baseline-sae")
+        if base.cfg.d != d:
+            raise cli.UserError(f"--baseline-sae {args.baseline_sae} has d={base.cfg.d}, but these activations have d={d}")
+        base_path = args.baseline_sae
+    else:
+        n_b = math.ceil((params["total"] - d) / (2 * d + 1))
+        base = TopKSAE(SAEConfig(d=d, n_latents=n_b, k=args.k, auxk_alpha=args.auxk_alpha,
+                                 dead_tokens=default_dead_tokens(steps, args.batch_size))).to(device)
+        base_norm = norm
+        print(f"standalone TopK SAE with the joint model's parameter budget: n_latents={n_b}")
+        base_init_sq = base.W_dec.detach().pow(2).sum(1).cpu()
+        bres = train_sae(base, x_train, x_sel, steps, args.batch_size, args.lr or default_lr(n_b),
+                         cli.eval_every(args, steps), args.seed, "train parameter-matched SAE")
+        base_path = str(out / "baseline_sae")
+        checkpoint.save(out / "baseline_sae", "sae", {**base.tensors(), **norm.tensors(), "init.sq_norm": base_init_sq}, {
+            "hparams": base.hparams(), "normalize": args.normalize, "data": acts.description, "seed": args.seed,
+            "parents": {}, "train": {"steps": steps, "best_step": bres.best_step, "role": "part5 parameter-matched baseline"}})
+    x_test_raw = norm.decode(x_test)
+    base_fvu = fvu_raw(base_norm, base_norm.encode(x_test_raw), reconstruct_all(base, base_norm.encode(x_test_raw)))
+    base_params = sum(p.numel() for p in base.parameters())
+    comparisons = {"standalone_sae": {"path": base_path, "params": base_params, "fvu": base_fvu,
+                                      "n_latents": base.cfg.n_latents, "k": base.cfg.k},
+                   "joint_vs_standalone_relative_fvu_reduction": 1 - zero["full"] / base_fvu,
+                   "joint_vs_own_sae_path_relative_fvu_reduction": 1 - zero["full"] / zero["sae"]}
+    if args.sae:
+        s1, n1, _ = load_sae_checkpoint(args.sae)
+        comparisons["part1_sae"] = {"path": args.sae, "params": sum(p.numel() for p in s1.parameters()),
+                                    "fvu": fvu_raw(n1, n1.encode(x_test_raw), reconstruct_all(s1, n1.encode(x_test_raw)))}
+
+    metrics = {"stage": "part5_joint_sae_nfm", "held_out_test": report, "comparisons": comparisons, "params": params,
+               "definitions": "FVU in the LM's units on held-out documents not used for training or model selection; "
+                              "zero-ablation deletes the other paths, mean-ablation replaces them by their mean output "
+                              "on training tokens; relative FVU reduction = 1 - FVU(joint, all paths) / FVU(other)",
+               "train": {"steps": steps, "best_step": fitres.best_step, "lr": lr, "batch_size": args.batch_size,
+                         "train_tokens": int(x_train.shape[0]), "seconds": time.time() - t0},
+               "data": acts.description, "history": fitres.history}
+    checkpoint.save(out, "joint", {**model.state_dict(), **norm.tensors(), "init.sq_norm": init_sq_norm}, {
+        "hparams": model.hparams(), "normalize": args.normalize, "data": acts.description, "seed": args.seed,
+        "parents": {}, "train": {k: v for k, v in metrics["train"].items() if k != "seconds"}})
+    cli.write_json(out / "metrics.json", metrics)
+    labels = ["joint: SAE path", "SAE+linear", "SAE+interaction", "joint: all", "standalone SAE\n(same params)"]
+    values = [zero["sae"], zero["sae+linear"], zero["sae+interaction"], zero["full"], base_fvu]
+    if args.sae:
+        labels.append("part1 SAE")
+        values.append(comparisons["part1_sae"]["fvu"])
+    pngs = [plots.training_curves(fitres.history, ["fvu"], out / "training_curves.png", "joint SAE+NFM", fitres.best_step),
+            plots.bars(labels, values, out / "fvu_by_variant.png",
+                       f"held-out FVU ({x_test.shape[0]} tokens; paths zero-ablated)", "FVU")]
+    print("held-out FVU: " + "  ".join(f"{l.replace(chr(10), ' ')}: {v:.4f}" for l, v in zip(labels, values)))
+    print(f"joint (all paths) vs standalone SAE of equal parameters: "
+          f"{comparisons['joint_vs_standalone_relative_fvu_reduction']:+.1%}; vs its own SAE path: "
+          f"{comparisons['joint_vs_own_sae_path_relative_fvu_reduction']:+.1%}")
+    cli.report(out, out / "metrics.json", pngs)
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,286 @@
+"""part6: splice each trained model into the LM at the layer it was trained on and measure, on held-out
+documents, how far the next-token distribution moves (KL) and how much the loss rises (CE).
+
+Variants (the layer-L residual at every non-BOS, non-pad position replaced; BOS is left untouched and every
+statistic excludes it): identity (must give KL 0), the sequential SAE alone, SAE + NFM linear, SAE + NFM
+interaction, SAE + full NFM, the joint model's same four, the part5 parameter-matched standalone SAE,
+zero ablation, mean ablation (the training-set mean activation). Every reconstruction is computed through
+the normalisation saved with its model and mapped back to the LM's units.
+
+Baselines, per reconstruction variant v with per-token error e_v = ||x - x_hat_v||:
+  eps_random  x + e_v * u, u uniform on the unit sphere (Gurnee 2024)
+  cov_random  x + e_v * z/||z||, z ~ N(0, Sigma_v), Sigma_v the covariance of v's errors on training tokens
+Per variant: KL(P_orig || P_spliced) per token, CE and delta-CE, CE-loss score against zero ablation
+(CE_zero - CE_v) / (CE_zero - CE_orig), ratios of KL to both baselines. Confidence intervals by bootstrap
+over documents; paired comparisons (same tokens) by bootstrap and a paired t-test over documents.
+
+Demo (after part1, part2, part5):
+    python part6_kl_divergence.py
+Paper setup:
+    python part6_kl_divergence.py --preset paper --sae checkpoints/paper/part1_sae --nfm checkpoints/paper/part2_nfm --joint checkpoints/paper/part5_joint --out checkpoints/paper/part6_kl
+
+Writes to --out: metrics.json, kl.csv, kl_bars.png, kl_histograms.png.
+"""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from common import checkpoint, cli, plots
+from common.data import DataSpec, batch_sequences, cached_activations, iter_documents, iter_sequences, keep_mask, model_fingerprint
+from common.hooks import splice
+from common.joint import load_joint_checkpoint
+from common.models import load_model, resolve_model_path
+from common.nfm import NFM
+from common.sae import load_sae_checkpoint
+from common.stats import paired_difference, ratio_of_ratios_ci, ratio_of_sums_ci
+
+COMPARISONS = [("sae+nfm", "sae"), ("sae+nfm_linear", "sae"), ("sae+nfm_interaction", "sae"),
+               ("joint_full", "joint_sae"), ("joint_sae+linear", "joint_sae"), ("joint_sae+interaction", "joint_sae"),
+               ("joint_full", "sae+nfm"), ("joint_full", "standalone_sae"), ("sae", "eps_random[sae]")]
+
+
+def build_parser():
+    p = cli.parser(__doc__)
+    cli.add_common_args(p, "checkpoints/part6_kl")
+    p.add_argument("--sae", default="checkpoints/part1_sae", help="part1 output folder (default: checkpoints/part1_sae)")
+    p.add_argument("--nfm", default="checkpoints/part2_nfm",
+                   help="part2 output folder; '' to skip the sequential NFM variants (default: checkpoints/part2_nfm)")
+    p.add_argument("--joint", default="checkpoints/part5_joint",
+                   help="part5 output folder; '' to skip the joint variants (default: checkpoints/part5_joint)")
+    p.add_argument("--docs", type=int, default=200, help="held-out documents to evaluate (default: 200)")
+    p.add_argument("--lm-batch-size", type=int, default=32, help="sequences per LM forward pass (default: 32)")
+    p.add_argument("--cov-tokens", type=int, default=20_000,
+                   help="training tokens used for the mean activation and the error covariances (default: 20000)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples over documents (default: 1000)")
+    p.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / "checkpoints" / "activation_cache"),
+                   help="activation cache used for the training-set statistics (default: checkpoints/activation_cache)")
+    return p
+
+
+class Spliceable:
+    """All replacements of kept positions h [n, d] (LM units) by each variant."""
+
+    def __init__(self, sae, norm, nfm, joint, joint_norm, base, base_norm):
+        self.sae, self.norm, self.nfm = sae, norm, nfm
+        self.joint, self.joint_norm, self.base, self.base_norm = joint, joint_norm, base, base_norm
+
+    @torch.no_grad()
+    def reconstructions(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.norm.encode(h)
+        x_hat, idx, val = self.sae(x)
+        out = {"sae": x_hat}
+        if self.nfm is not None:
+            lin, inter = self.nfm.linear(idx, val), self.nfm.interaction(idx, val)
+            out.update({"sae+nfm_linear": x_hat + lin, "sae+nfm_interaction": x_hat + inter, "sae+nfm": x_hat + lin + inter})
+        rec = {k: self.norm.decode(v) for k, v in out.items()}
+        if self.joint is not None:
+            paths, _, _ = self.joint.paths(self.joint_norm.encode(h))
+            s, lin, inter = paths["sae"], paths["linear"], paths["interaction"]
+            for name, v in (("joint_sae", s), ("joint_sae+linear", s + lin), ("joint_sae+interaction", s + inter),
+                            ("joint_full", s + lin + inter)):
+                rec[name] = self.joint_norm.decode(v)
+        if self.base is not None:
+            rec["standalone_sae"] = self.base_norm.decode(self.base(self.base_norm.encode(h))[0])
+        return rec
+
+
+def covariance_factors(sp: Spliceable, x_train: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cholesky factors of each reconstruction variant's error covariance on training tokens."""
+    errs: dict[str, list] = {}
+    for s in range(0, x_train.shape[0], 4096):
+        h = x_train[s:s + 4096]
+        for name, rec in sp.reconstructions(h).items():
+            errs.setdefault(name, []).append((h - rec).double())
+    out = {}
+    for name, parts in errs.items():
+        e = torch.cat(parts)
+        cov = torch.cov(e.T)
+        cov += torch.eye(cov.shape[0], dtype=cov.dtype) * (1e-6 * cov.diagonal().mean())
+        out[name] = torch.linalg.cholesky(cov).float()
+    return out
+
+
+def random_error(h: torch.Tensor, rec: torch.Tensor, chol: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+    """h plus a random error with the same per-token norm as h - rec: isotropic, or shaped by chol."""
+    z = torch.randn(h.shape, generator=gen).to(h.device)
+    if chol is not None:
+        z = z @ chol.T.to(h.device)
+    z = torch.nn.functional.normalize(z, dim=-1)
+    return h + (h - rec).norm(dim=-1, keepdim=True) * z
+
+
+def main(argv=None):
+    args = cli.parse(build_parser(), argv, stage="part6")
+    cli.seed_everything(args.seed)
+    out = cli.prepare_out(args.out)
+    t0 = time.time()
+    sae, norm, sae_cfg = load_sae_checkpoint(args.sae)
+    spec = DataSpec.from_description(sae_cfg["data"])
+    if spec is None:
+        raise cli.UserError(f"--sae {args.sae} was trained on an activation file; part6 needs an SAE trained through "
+                            f"an LM (--model), to splice it back in")
+    nfm = None
+    if args.nfm and Path(args.nfm).exists():
+        t, nfm_cfg = checkpoint.load(args.nfm, "nfm", "--nfm")
+        checkpoint.check_parent(nfm_cfg, "sae", sae_cfg, "--nfm", "--sae")
+        nfm = NFM.from_tensors(t, nfm_cfg["hparams"])
+    joint = joint_norm = base = base_norm = None
+    if args.joint and Path(args.joint).exists():
+        joint, joint_norm, joint_cfg = load_joint_checkpoint(args.joint)
+        jspec = DataSpec.from_description(joint_cfg["data"])
+        if jspec is None or (jspec.model, jspec.layer) != (spec.model, spec.layer):
+            raise cli.UserError(f"--joint {args.joint} was not trained on {spec.model} layer {spec.layer} like --sae "
+                                f"{args.sae}; pass models of the same layer")
+        if (Path(args.joint) / "baseline_sae" / "config.json").exists():
+            base, base_norm, _ = load_sae_checkpoint(Path(args.joint) / "baseline_sae")
+    if sae_cfg["data"].get("model_fingerprint") not in (None, model_fingerprint(resolve_model_path(spec.model))):
+        raise cli.UserError(f"the model {spec.model} has changed on disk since --sae was trained; retrain from part1")
+    sp = Spliceable(sae, norm, nfm, joint, joint_norm, base, base_norm)
+
+    model, tok, _ = load_model(spec.model, args.dtype, args.device)
+    device = next(model.parameters()).device
+    for m in (sae, nfm, joint, base):
+        if m is not None:
+            m.to(device).eval()
+    for n_ in (norm, joint_norm, base_norm):
+        if n_ is not None:
+            n_.shift, n_.scale = n_.shift.to(device), n_.scale.to(device)
+    x_train, _ = cached_activations(spec, "train", sae_cfg["data"]["train_tokens"], args.lm_batch_size, args.cache_dir,
+                                    args.dtype, args.device, {"model": model, "tokenizer": tok})
+    x_train = x_train[:args.cov_tokens].float().to(device)
+    mean_act = x_train.mean(0)
+    chol = covariance_factors(sp, x_train)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    seqs = iter_sequences(tok, iter_documents(spec.dataset, "validation", spec.val_fraction), spec.seq_len)
+    sums: dict[str, dict[str, np.ndarray]] = {}
+    n_kl, n_ce = np.zeros(args.docs), np.zeros(args.docs)
+    kl_samples: dict[str, list] = {}
+    bar = tqdm(total=args.docs, desc="KL/CE on held-out documents", unit="doc")
+    batch, done = [], False
+    seq_iter = iter(seqs)
+    while not done:
+        batch = []
+        for s in seq_iter:
+            if s[1] >= args.docs:
+                done = True
+                break
+            batch.append(s)
+            if len(batch) == args.lm_batch_size:
+                break
+        else:
+            done = True
+        if not batch:
+            break
+        ids, mask = batch_sequences([b[0] for b in batch], pad)
+        ids, mask = ids.to(device), mask.to(device)
+        docs = torch.tensor([b[1] for b in batch])
+        keep = keep_mask(tok, mask, spec.keep_bos).to(device)                   # [batch, pos]
+        has_next = torch.zeros_like(keep)
+        has_next[:, :-1] = mask[:, 1:].bool()
+        ce_pos = keep & has_next                                                # positions that predict a real token
+        box = {}
+
+        def capture(h):
+            box["h"] = h
+            return h
+
+        with torch.no_grad(), splice(model, spec.layer, capture):
+            logp_o = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        h_keep = box["h"][keep].float()                                         # [n_kept, d]
+        recs = sp.reconstructions(h_keep)
+        replacements = {"identity": h_keep, **recs, "zero_ablation": torch.zeros_like(h_keep),
+                        "mean_ablation": mean_act.expand_as(h_keep)}
+        for name, rec in recs.items():
+            replacements[f"eps_random[{name}]"] = random_error(h_keep, rec, None, gen)
+            replacements[f"cov_random[{name}]"] = random_error(h_keep, rec, chol[name], gen)
+        nxt = torch.zeros_like(ids)
+        nxt[:, :-1] = ids[:, 1:]
+        doc_of = docs[:, None].expand_as(keep.cpu())
+        np.add.at(n_kl, doc_of[keep.cpu()].numpy(), 1)
+        np.add.at(n_ce, doc_of[ce_pos.cpu()].numpy(), 1)
+        for name, new in [("original", None)] + list(replacements.items()):
+            if new is None:
+                logp = logp_o
+            else:
+                def fn(h, new=new):
+                    h = h.clone()
+                    h[keep] = new.to(h.dtype)
+                    return h
+                with torch.no_grad(), splice(model, spec.layer, fn):
+                    logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+            kl = (logp_o.exp() * (logp_o - logp)).sum(-1)                       # [batch, pos]
+            ce = -logp.gather(-1, nxt[..., None]).squeeze(-1)
+            acc = sums.setdefault(name, {"kl": np.zeros(args.docs), "ce": np.zeros(args.docs)})
+            np.add.at(acc["kl"], doc_of[keep.cpu()].numpy(), kl[keep].double().cpu().numpy())
+            np.add.at(acc["ce"], doc_of[ce_pos.cpu()].numpy(), ce[ce_pos].double().cpu().numpy())
+            if len(kl_samples.setdefault(name, [])) < 50_000:
+                kl_samples[name].extend(kl[keep].cpu().tolist())
+        bar.n = int(docs.max()) + 1
+        bar.refresh()
+    bar.close()
+    n_docs = int((n_kl > 0).sum())
+    if n_docs < 2:
+        raise cli.UserError("fewer than 2 held-out documents were found; use a larger text source or --docs")
+    used = n_kl > 0
+    n_kl, n_ce = n_kl[used], n_ce[used]
+    for v in sums.values():
+        v["kl"], v["ce"] = v["kl"][used], v["ce"][used]
+
+    ce_orig = sums["original"]["ce"].sum() / n_ce.sum()
+    ce_zero = sums["zero_ablation"]["ce"].sum() / n_ce.sum()
+    results = {}
+    for name, s in sums.items():
+        kl = ratio_of_sums_ci(s["kl"], n_kl, args.n_boot, args.seed)
+        ce = ratio_of_sums_ci(s["ce"], n_ce, args.n_boot, args.seed)
+        dce = ratio_of_sums_ci(s["ce"] - sums["original"]["ce"], n_ce, args.n_boot, args.seed)
+        r = {"kl": kl[0], "kl_ci": list(kl[1:]), "ce": ce[0], "ce_ci": list(ce[1:]), "delta_ce": dce[0],
+             "delta_ce_ci": list(dce[1:]), "ce_loss_score": (ce_zero - ce[0]) / (ce_zero - ce_orig)}
+        for base_kind in ("eps_random", "cov_random"):
+            b = f"{base_kind}[{name}]"
+            if b in sums:
+                ratio = ratio_of_ratios_ci(s["kl"], sums[b]["kl"], n_kl, args.n_boot, args.seed)
+                r[f"kl_ratio_to_{base_kind}"] = ratio[0]
+                r[f"kl_ratio_to_{base_kind}_ci"] = list(ratio[1:])
+        results[name] = r
+    comparisons = {f"{a} vs {b}": {"kl": paired_difference(sums[a]["kl"], sums[b]["kl"], n_kl, args.n_boot, args.seed),
+                                   "ce": paired_difference(sums[a]["ce"], sums[b]["ce"], n_ce, args.n_boot, args.seed)}
+                   for a, b in COMPARISONS if a in sums and b in sums}
+    metrics = {"stage": "part6_kl_divergence", "variants": results, "paired_comparisons": comparisons,
+               "n_documents": n_docs, "n_tokens_kl": int(n_kl.sum()), "n_tokens_ce": int(n_ce.sum()),
+               "layer": spec.layer, "model": spec.model, "dataset": spec.dataset, "split": "validation (held out by document)",
+               "definitions": __doc__.split("Demo")[0].strip(), "seconds": time.time() - t0,
+               "inputs": {"sae": args.sae, "nfm": args.nfm if nfm is not None else None,
+                          "joint": args.joint if joint is not None else None}}
+    cli.write_json(out / "metrics.json", metrics)
+    with open(out / "kl.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "kl", "kl_lo", "kl_hi", "ce", "delta_ce", "ce_loss_score", "kl_ratio_to_eps_random",
+                    "kl_ratio_to_cov_random"])
+        for name, r in results.items():
+            w.writerow([name, r["kl"], *r["kl_ci"], r["ce"], r["delta_ce"], r["ce_loss_score"],
+                        r.get("kl_ratio_to_eps_random", ""), r.get("kl_ratio_to_cov_random", "")])
+    main_variants = [v for v in results if not v.startswith(("eps_random", "cov_random")) and v not in ("original",)]
+    pngs = [plots.bars_ci(main_variants, [results[v]["kl"] for v in main_variants],
+                          [results[v]["kl_ci"] for v in main_variants], out / "kl_bars.png",
+                          f"KL(P_orig || P_spliced) per token, {n_docs} held-out documents (95% CI over documents)",
+                          "mean KL (nats)", log_y=True),
+            plots.histogram_grid({v: kl_samples[v] for v in main_variants if v != "identity"}, out / "kl_histograms.png",
+                                 "per-token KL (log10 nats)")]
+    print(f"{n_docs} documents, {int(n_kl.sum())} tokens; KL per token (95% CI) | CE-loss score | KL / eps-random")
+    for v in main_variants:
+        r = results[v]
+        print(f"  {v:24s} {r['kl']:.4f} [{r['kl_ci'][0]:.4f}, {r['kl_ci'][1]:.4f}] | {r['ce_loss_score']:+.3f} | "
+              f"{r.get('kl_ratio_to_eps_random', float('nan')):.2f}")
+    cli.report(out, out / "metrics.json", [out / "kl.csv", *pngs])
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

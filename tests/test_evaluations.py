@@ -1,0 +1,196 @@
+"""part4-part7 and their statistics: unit tests against hand-computed values, and subprocess smoke runs."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from common.featurestats import effective_rank, gini, gmm_bic, max_abs_cosine
+from common.joint import VARIANTS, JointModel
+from common.nfm import NFM, NFMConfig
+from common.sae import SAEConfig
+from common.stats import paired_difference, ratio_of_sums_ci
+from conftest import run_script
+
+
+def test_gini_and_effective_rank_hand_values():
+    w = torch.tensor([[0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0],
+                      [1.0, 2.0, 3.0, 4.0]])
+    # Gini of [1,2,3,4]: 2*(1+4+9+16)/(4*10) - 5/4 = 1.5 - 1.25 = 0.25
+    assert torch.allclose(gini(w), torch.tensor([0.75, 0.0, 0.5, 0.0, 0.25], dtype=torch.float64))
+    p = np.array([1, 2, 3, 4]) / 10
+    assert torch.allclose(effective_rank(w), torch.tensor([1.0, 4.0, 2.0, 1.0, np.exp(-(p * np.log(p)).sum())],
+                                                          dtype=torch.float64))
+
+
+def test_chunked_max_cosine_equals_dense():
+    E = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    best, mean_abs = max_abs_cosine(E, chunk=7)
+    U = torch.nn.functional.normalize(E.double(), dim=1)
+    C = (U @ U.T).abs()
+    C.fill_diagonal_(0)
+    assert torch.allclose(best, C.max(1).values)
+    assert abs(mean_abs - float(C.sum() / (50 * 49))) < 1e-12
+
+
+def test_bimodality_test():
+    rng = np.random.default_rng(0)
+    assert gmm_bic(np.concatenate([rng.normal(0.05, 0.01, 500), rng.normal(0.4, 0.05, 500)]))["two_modes"]
+    assert not gmm_bic(rng.normal(0.4, 0.05, 1000))["two_modes"]
+    m = gmm_bic(np.concatenate([rng.normal(0.05, 0.01, 500), rng.normal(0.4, 0.05, 500)]))["means"]
+    assert abs(m[0] - 0.05) < 0.01 and abs(m[1] - 0.4) < 0.02
+
+
+def test_bootstrap_ci_covers_a_known_mean():
+    # documents with their own offsets (correlated tokens) and varying lengths; true per-token mean 1.0
+    rng = np.random.default_rng(0)
+    hits, trials = 0, 200
+    for t in range(trials):
+        n_tok = rng.integers(5, 60, size=80)
+        offs = rng.normal(0, 0.5, size=80)
+        sums = np.array([(1.0 + o + rng.normal(0, 1, n)).sum() for o, n in zip(offs, n_tok)])
+        _, lo, hi = ratio_of_sums_ci(sums, n_tok, n_boot=400, seed=t)
+        hits += lo <= 1.0 <= hi
+    assert 0.88 <= hits / trials <= 0.99, hits / trials
+
+
+def test_paired_difference_uses_documents_as_units():
+    rng = np.random.default_rng(1)
+    n = rng.integers(10, 30, size=40).astype(float)
+    a, b = rng.normal(2, 1, 40) * n, rng.normal(1.5, 1, 40) * n
+    r = paired_difference(a, b, n, n_boot=300)
+    t, p = sps.ttest_rel(a / n, b / n)
+    assert abs(r["t_over_documents"] - t) < 1e-9 and abs(r["p_over_documents"] - p) < 1e-12
+    assert r["ci"][0] <= r["difference_per_token"] <= r["ci"][1] and r["n_documents"] == 40
+
+
+def test_random_baselines_have_the_error_norm():
+    import part6_kl_divergence as p6
+    g = torch.Generator().manual_seed(0)
+    h, rec = torch.randn(100, 16, generator=g), torch.randn(100, 16, generator=g)
+    err = (h - rec).norm(dim=1)
+    L = torch.zeros(16, 16)
+    L[0, 0], L[1, 1] = 1.0, 2.0                                  # covariance supported on two dimensions
+    for chol in (None, L):
+        noisy = p6.random_error(h, rec, chol, g)
+        assert torch.allclose((noisy - h).norm(dim=1), err, atol=1e-5)
+    shaped = p6.random_error(h, rec, L, g) - h
+    assert shaped[:, 2:].abs().max() < 1e-6                      # cov-matched noise stays in Sigma's support
+
+
+def test_joint_paths_sum_to_full_output():
+    torch.manual_seed(0)
+    m = JointModel(SAEConfig(d=12, n_latents=48, k=5), NFMConfig(n_features=48, d=12, dim=6, hidden=6, dropout=0.0)).eval()
+    with torch.no_grad():
+        m.nfm.W_lin.normal_(0, 0.1)
+        x = torch.randn(20, 12)
+        paths, _, _ = m.paths(x)
+        full = m(x)
+        assert torch.allclose(paths["sae"] + paths["linear"] + paths["interaction"], full, atol=1e-6)
+        for name, ps in VARIANTS.items():
+            assert torch.allclose(m(x, ps), sum(paths[p] for p in ps), atol=1e-6), name
+
+
+def test_interaction_leave_one_out_matches_brute_force():
+    torch.manual_seed(0)
+    nfm = NFM(NFMConfig(n_features=30, d=8, dim=5, hidden=7, dropout=0.0)).eval()
+    idx = torch.stack([torch.randperm(30)[:4] for _ in range(6)])
+    val = torch.rand(6, 4) + 0.1
+    loo = nfm.interaction_leave_one_out(idx, val)
+    with torch.no_grad():
+        full = nfm.interaction(idx, val)
+        for j in range(4):
+            v = val.clone()
+            v[:, j] = 0
+            assert torch.allclose(loo[:, j], (full - nfm.interaction(idx, v)).norm(dim=1), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def evaluations(pipeline, tiny_demo):
+    out = pipeline
+    data = ["--train-tokens", "12000", "--val-tokens", "3000", "--cache-dir", str(out / "cache")]
+    run_script("part5_joint_sae_nfm.py", "--model", str(tiny_demo), "--dataset", str(tiny_demo / "corpus.txt"),
+               "--layer", "1", "--n-latents", "128", "--k", "8", "--nfm-dim", "16", "--epochs", "2",
+               "--sae", str(out / "p1"), "--out", str(out / "p5"), *data)
+    run_script("part3_train_secondary_sae.py", "--joint", str(out / "p5"), "--expansion", "4", "--k", "4", "--epochs", "2",
+               "--out", str(out / "p3j"), *data)
+    run_script("part6_kl_divergence.py", "--sae", str(out / "p1"), "--nfm", str(out / "p2"), "--joint", str(out / "p5"),
+               "--docs", "40", "--n-boot", "200", "--cov-tokens", "4000", "--cache-dir", str(out / "cache"),
+               "--out", str(out / "p6"))
+    run_script("part4_nfm_inspector.py", "--nfm", str(out / "p2"), "--feature", "3", "--out", str(out / "p4"), *data)
+    run_script("part4_nfm_inspector.py", "--joint", str(out / "p5"), "--out", str(out / "p4j"), *data)
+    run_script("part7_gram_analysis.py", "--sae", str(out / "p1"), "--joint", str(out / "p5"), "--out", str(out / "p7"), *data)
+    return out
+
+
+def _files(d, *names):
+    for n in names:
+        assert (d / n).is_file() and (d / n).stat().st_size > 0, d / n
+    return json.loads((d / "metrics.json").read_text())
+
+
+def test_part5_joint_against_equal_parameter_sae(evaluations):
+    m = _files(evaluations / "p5", "model.safetensors", "metrics.json", "training_curves.png", "fvu_by_variant.png",
+               "baseline_sae/model.safetensors")
+    h, c, p = m["held_out_test"], m["comparisons"], m["params"]
+    assert set(h["fvu_zero_ablation"]) == {"sae", "sae+linear", "sae+interaction", "full"}
+    assert 0 < h["fvu_zero_ablation"]["full"] < 1
+    assert p["total"] == p["sae"] + p["nfm_linear"] + p["nfm_interaction"]
+    assert p["total"] <= c["standalone_sae"]["params"] < p["total"] + 2 * 16 + 1 + 64   # matched within one latent
+    assert abs(c["joint_vs_standalone_relative_fvu_reduction"] - (1 - h["fvu_zero_ablation"]["full"] / c["standalone_sae"]["fvu"])) < 1e-12
+    assert "part1_sae" in c
+
+
+def test_part3_on_the_joint_model(evaluations):
+    m = _files(evaluations / "p3j", "model.safetensors", "metrics.json", "training_curves.png")
+    cfg = json.loads((evaluations / "p3j" / "config.json").read_text())
+    assert "joint" in cfg["parents"] and m["source"].startswith("joint")
+    assert 0 < m["held_out_test"]["fvu"] < 1
+
+
+def test_part6_kl_variants_baselines_and_cis(evaluations):
+    m = _files(evaluations / "p6", "metrics.json", "kl.csv", "kl_bars.png", "kl_histograms.png")
+    v = m["variants"]
+    assert v["identity"]["kl"] < 1e-6 and abs(v["identity"]["delta_ce"]) < 1e-6     # identity splice changes nothing
+    assert v["zero_ablation"]["kl"] > v["sae"]["kl"] > 0                             # SAE beats deleting the stream
+    for name in ("sae", "sae+nfm_linear", "sae+nfm_interaction", "sae+nfm", "joint_sae", "joint_sae+linear",
+                 "joint_sae+interaction", "joint_full", "standalone_sae", "zero_ablation", "mean_ablation"):
+        r = v[name]
+        assert r["kl_ci"][0] <= r["kl"] <= r["kl_ci"][1] and r["ce_ci"][0] <= r["ce"] <= r["ce_ci"][1], name
+        if "ablation" not in name:
+            assert r["kl_ratio_to_eps_random"] > 0 and r["kl_ratio_to_cov_random"] > 0, name
+    assert abs(v["zero_ablation"]["ce_loss_score"]) < 1e-12 and abs(v["original"]["ce_loss_score"] - 1) < 1e-12
+    assert m["n_documents"] <= 40 and "sae+nfm vs sae" in m["paired_comparisons"]
+
+
+def test_part4_inspector(evaluations):
+    for d, kind in (("p4", "sequential"), ("p4j", "joint")):
+        m = _files(evaluations / d, "metrics.json", "weight_stats.png", "top_features.png")
+        assert m["model"] == kind and 0 <= m["held_out_test"]["linear_share_of_output_magnitude"] <= 1
+        assert all(0 <= r["gini"] <= 1 for r in m["weights"]["embedding_row"]["highest_gini"])
+        partners = m["partners"]["ranking"]
+        assert partners and all(r["feature"] != m["partners"]["feature"] for r in partners)
+        assert [r["score"] for r in partners] == sorted((r["score"] for r in partners), reverse=True)
+    assert json.loads((evaluations / "p4" / "metrics.json").read_text())["partners"]["feature"] == 3
+
+
+def test_part7_gram(evaluations):
+    m = _files(evaluations / "p7", "metrics.json", "squared_norms.png", "max_cosine.png", "shares_vs_squared_norm.png")
+    models = m["models"]
+    assert set(models) == {"part1 SAE", "standalone SAE (joint's parameters)", "joint (W_dec + W_lin)"}
+    assert models["part1 SAE"]["note"]                              # unit-norm rows: nothing to test, and it says so
+    j = models["joint (W_dec + W_lin)"]
+    assert j["init_source"] == "saved at training time" and abs(j["init_squared_norm_mean"] - 1) < 1e-5
+    s = j["shares"]
+    assert s["n_active_features"] + s["n_never_active"] == 128
+    cor = s["correlation_nfm_share_vs_squared_norm"]["spearman"]
+    assert cor["ci"][0] <= cor["r"] <= cor["ci"][1]
+
+
+def test_part6_and_part4_bad_input(evaluations, tmp_path):
+    from test_pipeline import _one_line_error
+    _one_line_error(run_script("part4_nfm_inspector.py", "--nfm", str(evaluations / "p2"), "--feature", "999",
+                               "--out", str(tmp_path / "x"), check=False), "--feature 999", "out of range")
+    _one_line_error(run_script("part6_kl_divergence.py", "--sae", str(evaluations / "p2"), "--out", str(tmp_path / "y"),
+                               check=False), "holds a 'nfm' checkpoint")
