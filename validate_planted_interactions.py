@@ -7,6 +7,7 @@ nothing planted. The sequential workflow (part1 -> part2, each run through its o
 settings:
   realistic       the primary SAE is fitted to the same data it then encodes (it may absorb the interaction);
   no_absorption   the primary SAE is fitted to the null data, so it cannot have absorbed it;
+and the joint workflow (part5) on the same data, its SAE path in the primary SAE's role;
 plus an oracle: an NFM reading the *true* feature activations, trained on x - sum_i a_i d_i. The oracle
 separates failures of the NFM from failures of the SAE. Each is run on planted and on null data.
 
@@ -15,11 +16,10 @@ absorbed by the SAE / left in the residual, recovered by the NFM interaction pat
 parameter-matched residual-SAE control, residual MSE reduction with its excess over null, decoder match,
 and the ranking (AUC, precision@|P|) of the planted pairs by the NFM's pair strength.
 
-    python validate_planted_interactions.py                      # about 2-3 minutes on 2 CPU cores
+    python validate_planted_interactions.py                      # about 4 minutes on 2 CPU cores
     python validate_planted_interactions.py --d 128 --n-true 512 # the harder, more superposed setting
 
-Writes to --out: results.json, results.csv, recovered_share.png, and every trained checkpoint. The joint
-workflow (part5) joins this validation once it exists.
+Writes to --out: results.json, results.csv, recovered_share.png, and every trained checkpoint.
 """
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ import torch
 
 import part1_train_topk_sae as part1
 import part2_train_residual_nfm as part2
+import part5_joint_sae_nfm as part5
 from common import checkpoint, cli, groundtruth, plots, synthetic
 from common.data import load_activation_file, split_rows
+from common.joint import load_joint_checkpoint, path_outputs
 from common.nfm import NFM, NFMConfig, predict, train_nfm
 from common.sae import TopKSAE, codes_and_residuals, load_sae_checkpoint, reconstruct_all
 from common.train import split_selection_test
@@ -102,6 +104,32 @@ def evaluate_pipeline(sae_dir, nfm_dir, data_dir, reference, truth) -> dict:
     }
 
 
+def evaluate_joint(joint_dir, data_dir, reference, truth) -> dict:
+    """The same scores for the joint model: its SAE path plays the primary SAE, its NFM paths the NFM."""
+    model, norm, _ = load_joint_checkpoint(joint_dir)
+    rows = held_out_test(f"{data_dir}/activations.safetensors")
+    x = norm.encode(load_activation_file(f"{data_dir}/activations.safetensors", "--activations")[0][rows])
+    p = norm.encode(reference[rows]) - norm.encode(torch.zeros_like(reference[rows]))
+    o = path_outputs(model, x)
+    r = x - o["sae"]
+    nfm_out = o["linear"] + o["interaction"]
+    idx, val = model.sae.encode(x)
+    latent_of, cos = groundtruth.match_latents(model.sae.W_dec.detach() * norm.scale, truth["directions"])
+    return {
+        "absorbed_by_sae": groundtruth.share(o["sae"], p), "left_in_residual": groundtruth.share(r, p),
+        "planted_share_of_x": groundtruth.share(x, p),
+        "recovered": {"nfm_interaction": groundtruth.share(o["interaction"], p),
+                      "nfm_linear": groundtruth.share(o["linear"], p), "nfm_whole": groundtruth.share(nfm_out, p)},
+        "residual_reduction": {"nfm": 1 - float((r - nfm_out).pow(2).sum() / r.pow(2).sum()),
+                               "nfm_interaction_only": 1 - float((r - o["interaction"]).pow(2).sum() / r.pow(2).sum())},
+        "fvu_full": float((x - o["sae"] - nfm_out).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
+        "decoder_match_mean_max_cosine": float(cos.mean()),
+        "pair_ranking": groundtruth.pair_ranking(model.nfm, latent_of, truth["pairs"], truth["directions"].shape[0],
+                                                 groundtruth.typical_values(idx, val, model.sae.cfg.n_latents)),
+        "n_test_rows": int(rows.numel()),
+    }
+
+
 def run_oracle(data_dir, reference, truth_of_data, pairs, args) -> dict:
     """NFM on the true activations, target x - sum_i a_i d_i; scored on the same held-out test rows."""
     acts, docs = load_activation_file(f"{data_dir}/activations.safetensors", "--activations")
@@ -139,6 +167,13 @@ def table(results: dict) -> list[list]:
                 row += [r["absorbed_by_sae"], r["left_in_residual"], r["recovered"][method], red, auc]
             rows.append(row)
     for method in ("nfm_interaction", "nfm_whole"):
+        row = ["joint", method]
+        for data in ("planted", "null"):
+            r = results["joint"][data]
+            red = r["residual_reduction"]["nfm_interaction_only" if method == "nfm_interaction" else "nfm"]
+            row += [r["absorbed_by_sae"], r["left_in_residual"], r["recovered"][method], red, r["pair_ranking"]["auc"]]
+        rows.append(row)
+    for method in ("nfm_interaction", "nfm_whole"):
         row = ["oracle", method]
         for data in ("planted", "null"):
             r = results["oracle"][data]
@@ -172,18 +207,24 @@ def main(argv=None):
                           "--k", str(args.k), "--out", str(out / name), *common])
     runs = {("realistic", "planted"): ("sae_planted", planted_dir), ("realistic", "null"): ("sae_null", null_dir),
             ("no_absorption", "planted"): ("sae_null", planted_dir)}
+    for data, data_dir, sae in (("planted", planted_dir, "sae_planted"), ("null", null_dir, "sae_null")):
+        run_stage(part5, ["--activations", f"{data_dir}/activations.safetensors", "--n-latents", str(args.n_latents),
+                          "--k", str(args.k), "--nfm-dim", str(args.nfm_dim), "--baseline-sae", str(out / sae),
+                          "--out", str(out / f"joint_{data}"), *common])
     for (setting, data), (sae, data_dir) in runs.items():
         run_stage(part2, ["--sae", str(out / sae), "--activations", f"{data_dir}/activations.safetensors",
                           "--nfm-dim", str(args.nfm_dim), "--out", str(out / f"nfm_{setting}_{data}"), *common])
 
-    results = {"realistic": {}, "no_absorption": {}, "oracle": {}}
+    results = {"realistic": {}, "no_absorption": {}, "joint": {}, "oracle": {}}
+    for data, data_dir in (("planted", planted_dir), ("null", null_dir)):
+        results["joint"][data] = evaluate_joint(out / f"joint_{data}", data_dir, reference, truth_p)
     for (setting, data), (sae, data_dir) in runs.items():
         results[setting][data] = evaluate_pipeline(out / sae, out / f"nfm_{setting}_{data}", data_dir, reference, truth_p)
     # with the SAE fitted to null data, the null run of both settings is the same pipeline
     results["no_absorption"]["null"] = results["realistic"]["null"]
     for data, data_dir, truth in (("planted", planted_dir, truth_p), ("null", null_dir, truth_n)):
         results["oracle"][data] = run_oracle(data_dir, reference, truth, truth_p["pairs"], args)
-    for setting in ("realistic", "no_absorption"):
+    for setting in ("realistic", "no_absorption", "joint"):
         r = results[setting]
         r["excess_over_null"] = {k: r["planted"]["residual_reduction"][k] - r["null"]["residual_reduction"][k]
                                  for k in r["planted"]["residual_reduction"]}
@@ -207,11 +248,14 @@ def main(argv=None):
     print(f"{'':36s} | {'planted':^34s} | {'null':^34s}")
     for r in rows:
         print(f"{r[0]:14s} {r[1]:21s} | " + " ".join(fmt(v) for v in r[2:7]) + " | " + " ".join(fmt(v) for v in r[7:12]))
-    for setting in ("realistic", "no_absorption"):
+    for setting in ("realistic", "no_absorption", "joint"):
         ex = results[setting]["excess_over_null"]
-        print(f"{setting}: excess residual reduction over null: NFM {ex['nfm']:+.3f}, residual-SAE control "
-              f"{ex['residual_sae_control']:+.3f}; NFM recovered {results[setting]['nfm_recovered_share_of_what_was_left']:.2f} "
-              f"of what the SAE left in the residual")
+        ctl = f", residual-SAE control {ex['residual_sae_control']:+.3f}" if "residual_sae_control" in ex else ""
+        print(f"{setting}: excess residual reduction over null: NFM {ex['nfm']:+.3f}{ctl}; NFM recovered "
+              f"{results[setting]['nfm_recovered_share_of_what_was_left']:.2f} of what the SAE (path) left in the residual")
+    seq, jnt = results["realistic"]["planted"]["recovered"]["nfm_whole"], results["joint"]["planted"]["recovered"]["nfm_whole"]
+    results["joint_vs_sequential_total_recovered"] = {"sequential_realistic": seq, "joint": jnt}
+    print(f"share of the total planted interaction recovered by the NFM paths: joint {jnt:.3f} vs sequential {seq:.3f}")
     print(f"({time.time() - t0:.0f} s)")
     cli.report(out, out / "results.json", [out / "results.csv", png])
 

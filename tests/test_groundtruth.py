@@ -159,4 +159,7 @@ def test_validation_script_smoke(tmp_path, capsys):
         assert res[setting]["planted"]["planted_share_of_x"] > 0.5 > abs(res[setting]["null"]["planted_share_of_x"])
     out = capsys.readouterr().out
     assert "no_absorption" in out and "excess residual reduction over null" in out
-    assert len((tmp_path / "results.csv").read_text().splitlines()) == 9   # header + 6 pipeline + 2 oracle rows
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 11  # header + 6 sequential + 2 joint + 2 oracle
+    j = res["joint"]["planted"]
+    assert abs(j["absorbed_by_sae"] + j["left_in_residual"] - j["planted_share_of_x"]) < 1e-6
+    assert abs(j["recovered"]["nfm_linear"] + j["recovered"]["nfm_interaction"] - j["recovered"]["nfm_whole"]) < 1e-6
