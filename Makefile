@@ -24,7 +24,7 @@ demo: .venv/.installed
 	$(PY) part3_train_secondary_sae.py --nfm checkpoints/part2_nfm --out checkpoints/part3_secondary_sae
 	$(PY) part5_joint_sae_nfm.py --sae checkpoints/part1_sae --out checkpoints/part5_joint
 	$(PY) part3_train_secondary_sae.py --joint checkpoints/part5_joint --out checkpoints/part3_secondary_sae_joint
-	$(PY) part6_kl_divergence.py --sae checkpoints/part1_sae --nfm checkpoints/part2_nfm --joint checkpoints/part5_joint --out checkpoints/part6_kl
+	$(PY) part6_kl_divergence.py --sae checkpoints/part1_sae --nfm checkpoints/part2_nfm --joint checkpoints/part5_joint --docs 120 --out checkpoints/part6_kl
 	$(PY) part4_nfm_inspector.py --nfm checkpoints/part2_nfm --out checkpoints/part4_inspect_sequential
 	$(PY) part4_nfm_inspector.py --joint checkpoints/part5_joint --out checkpoints/part4_inspect_joint
 	$(PY) part7_gram_analysis.py --sae checkpoints/part1_sae --joint checkpoints/part5_joint --out checkpoints/part7_gram

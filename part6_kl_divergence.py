@@ -268,8 +268,9 @@ def main(argv=None):
             w.writerow([name, r["kl"], *r["kl_ci"], r["ce"], r["delta_ce"], r["ce_loss_score"],
                         r.get("kl_ratio_to_eps_random", ""), r.get("kl_ratio_to_cov_random", "")])
     main_variants = [v for v in results if not v.startswith(("eps_random", "cov_random")) and v not in ("original",)]
-    pngs = [plots.bars_ci(main_variants, [results[v]["kl"] for v in main_variants],
-                          [results[v]["kl_ci"] for v in main_variants], out / "kl_bars.png",
+    shown = [v for v in main_variants if v != "identity"]            # identity is 0: it has no place on a log axis
+    pngs = [plots.bars_ci(shown, [results[v]["kl"] for v in shown],
+                          [results[v]["kl_ci"] for v in shown], out / "kl_bars.png",
                           f"KL(P_orig || P_spliced) per token, {n_docs} held-out documents (95% CI over documents)",
                           "mean KL (nats)", log_y=True),
             plots.histogram_grid({v: kl_samples[v] for v in main_variants if v != "identity"}, out / "kl_histograms.png",

@@ -139,6 +139,12 @@ def overlaid_histograms(data: dict[str, tuple], path: Path, xlabel: str) -> Path
     """Per model: the trained values and, as a line, their values at initialisation."""
     fig, axes = plt.subplots(1, len(data), figsize=(4.5 * len(data), 3.6), squeeze=False)
     for ax, (name, (vals, init)) in zip(axes[0], data.items()):
+        if np.ptp(vals) < 1e-5:             # e.g. unit-norm decoder rows: a single value, not a distribution
+            ax.hist(np.round(vals, 4), bins=1, color="tab:blue", label="trained")
+            ax.text(0.5, 0.5, f"all = {np.round(vals[0], 4)}\n(norm fixed by the recipe)", transform=ax.transAxes,
+                    ha="center", fontsize=9)
+            ax.set_title(name, fontsize=9)
+            continue
         ax.hist(vals, bins=60, color="tab:blue", label="trained")
         for v in np.unique(np.round(init, 4))[:3]:
             ax.axvline(v, color="tab:red", ls="--", lw=1, label="init" if v == np.unique(np.round(init, 4))[0] else None)

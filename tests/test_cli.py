@@ -5,7 +5,8 @@ import pytest
 
 from common import cli
 
-SCRIPTS = ["part1_train_topk_sae", "part2_train_residual_nfm", "part3_train_secondary_sae"]
+SCRIPTS = ["part1_train_topk_sae", "part2_train_residual_nfm", "part3_train_secondary_sae", "part4_nfm_inspector",
+           "part5_joint_sae_nfm", "part6_kl_divergence", "part7_gram_analysis"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -15,9 +16,13 @@ def test_every_flag_has_help_and_docstring_has_paper_command(name):
     for action in p._actions:
         if action.dest != "help":
             assert action.help and len(action.help) > 10, f"{name}: {action.option_strings} lacks help"
-    for flag in ("--out", "--seed", "--device", "--dtype", "--activations", "--preset"):
+    for flag in ("--out", "--seed", "--device", "--dtype", "--preset"):
         assert flag in p._option_string_actions, f"{name} lacks {flag}"
+    if name != "part6_kl_divergence":                  # part6 splices into the LM, so it needs text, not a file
+        assert "--activations" in p._option_string_actions, f"{name} lacks --activations"
     assert "--preset paper" in mod.__doc__
+    stage = name.split("_")[0]
+    cli.parse(mod.build_parser(), ["--preset", "paper"], stage=stage)   # every stage has its preset entry
 
 
 def test_paper_preset_and_override():
@@ -43,3 +48,10 @@ def test_paper_preset_is_per_stage():
     p2 = importlib.import_module("part2_train_residual_nfm")
     b = cli.parse(p2.build_parser(), ["--preset", "paper"], stage="part2")
     assert (b.nfm_dim, b.train_tokens) == (300, 5_000_000)
+
+
+def test_validation_script_flags_have_help():
+    mod = importlib.import_module("validate_planted_interactions")
+    for action in mod.build_parser()._actions:
+        if action.dest != "help":
+            assert action.help and len(action.help) > 10, action.option_strings

@@ -38,6 +38,8 @@ def test_bimodality_test():
     rng = np.random.default_rng(0)
     assert gmm_bic(np.concatenate([rng.normal(0.05, 0.01, 500), rng.normal(0.4, 0.05, 500)]))["two_modes"]
     assert not gmm_bic(rng.normal(0.4, 0.05, 1000))["two_modes"]
+    skewed = gmm_bic(rng.lognormal(0, 0.6, 2000))                   # one peak with a long tail
+    assert skewed["delta_bic"] > 10 and not skewed["two_modes"]
     m = gmm_bic(np.concatenate([rng.normal(0.05, 0.01, 500), rng.normal(0.4, 0.05, 500)]))["means"]
     assert abs(m[0] - 0.05) < 0.01 and abs(m[1] - 0.4) < 0.02
 
