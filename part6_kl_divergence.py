@@ -7,7 +7,7 @@ interaction, SAE + full NFM, the joint model's same four, the part5 parameter-ma
 zero ablation, mean ablation (the training-set mean activation). Every reconstruction is computed through
 the normalisation saved with its model and mapped back to the LM's units.
 
-Baselines, per reconstruction variant v with per-token error e_v = ||x - x_hat_v||:
+Baselines, per variant v (ablations included) with per-token error e_v = ||x - x_hat_v||:
   eps_random  x + e_v * u, u uniform on the unit sphere (Gurnee 2024)
   cov_random  x + e_v * z/||z||, z ~ N(0, Sigma_v), Sigma_v the covariance of v's errors on training tokens
 Per variant: KL(P_orig || P_spliced) per token, CE and delta-CE, CE-loss score against zero ablation
@@ -38,7 +38,7 @@ from common.joint import load_joint_checkpoint
 from common.models import load_model, resolve_model_path
 from common.nfm import NFM
 from common.sae import load_sae_checkpoint
-from common.stats import paired_difference, ratio_of_ratios_ci, ratio_of_sums_ci
+from common.stats import paired_difference, ratio_of_sums_ci
 
 COMPARISONS = [("sae+nfm", "sae"), ("sae+nfm_linear", "sae"), ("sae+nfm_interaction", "sae"),
                ("joint_full", "joint_sae"), ("joint_sae+linear", "joint_sae"), ("joint_sae+interaction", "joint_sae"),
@@ -90,12 +90,13 @@ class Spliceable:
         return rec
 
 
-def covariance_factors(sp: Spliceable, x_train: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Cholesky factors of each reconstruction variant's error covariance on training tokens."""
+def covariance_factors(sp: Spliceable, x_train: torch.Tensor, mean_act: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cholesky factors of each variant's error covariance on training tokens (ablations included)."""
     errs: dict[str, list] = {}
     for s in range(0, x_train.shape[0], 4096):
         h = x_train[s:s + 4096]
-        for name, rec in sp.reconstructions(h).items():
+        recs = {**sp.reconstructions(h), **ablations(h, mean_act)}
+        for name, rec in recs.items():
             errs.setdefault(name, []).append((h - rec).double())
     out = {}
     for name, parts in errs.items():
@@ -104,6 +105,10 @@ def covariance_factors(sp: Spliceable, x_train: torch.Tensor) -> dict[str, torch
         cov += torch.eye(cov.shape[0], dtype=cov.dtype) * (1e-6 * cov.diagonal().mean())
         out[name] = torch.linalg.cholesky(cov).float()
     return out
+
+
+def ablations(h: torch.Tensor, mean_act: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"zero_ablation": torch.zeros_like(h), "mean_ablation": mean_act.expand_as(h)}
 
 
 def random_error(h: torch.Tensor, rec: torch.Tensor, chol: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
@@ -155,7 +160,7 @@ def main(argv=None):
                                     args.dtype, args.device, {"model": model, "tokenizer": tok})
     x_train = x_train[:args.cov_tokens].float().to(device)
     mean_act = x_train.mean(0)
-    chol = covariance_factors(sp, x_train)
+    chol = covariance_factors(sp, x_train, mean_act)
     gen = torch.Generator().manual_seed(args.seed)
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -195,9 +200,8 @@ def main(argv=None):
         with torch.no_grad(), splice(model, spec.layer, capture):
             logp_o = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
         h_keep = box["h"][keep].float()                                         # [n_kept, d]
-        recs = sp.reconstructions(h_keep)
-        replacements = {"identity": h_keep, **recs, "zero_ablation": torch.zeros_like(h_keep),
-                        "mean_ablation": mean_act.expand_as(h_keep)}
+        recs = {**sp.reconstructions(h_keep), **ablations(h_keep, mean_act)}
+        replacements = {"identity": h_keep, **recs}
         for name, rec in recs.items():
             replacements[f"eps_random[{name}]"] = random_error(h_keep, rec, None, gen)
             replacements[f"cov_random[{name}]"] = random_error(h_keep, rec, chol[name], gen)
@@ -246,7 +250,7 @@ def main(argv=None):
         for base_kind in ("eps_random", "cov_random"):
             b = f"{base_kind}[{name}]"
             if b in sums:
-                ratio = ratio_of_ratios_ci(s["kl"], sums[b]["kl"], n_kl, args.n_boot, args.seed)
+                ratio = ratio_of_sums_ci(s["kl"], sums[b]["kl"], args.n_boot, args.seed)
                 r[f"kl_ratio_to_{base_kind}"] = ratio[0]
                 r[f"kl_ratio_to_{base_kind}_ci"] = list(ratio[1:])
         results[name] = r

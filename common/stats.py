@@ -2,7 +2,8 @@
 treat each held-out document as one observation (the reference ran t-tests over millions of tokens as if
 independent).
 
-  ratio_of_sums_ci   mean per token = sum over docs / token count, CI by the percentile bootstrap over docs
+  ratio_of_sums_ci   sum over docs / sum over docs (a mean per token, or a ratio of two variants' means),
+                     CI by the percentile bootstrap over docs
   paired_difference  two variants measured on the same tokens: mean difference per token with a bootstrap CI
                      over documents, and a paired t-test over the per-document means
 """
@@ -18,21 +19,14 @@ def _boot_indices(n_docs: int, n_boot: int, seed: int) -> np.ndarray:
 
 def ratio_of_sums_ci(num: np.ndarray, den: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
                      ) -> tuple[float, float, float]:
-    """Point estimate sum(num)/sum(den) and its bootstrap CI, resampling documents (entries of num/den)."""
+    """Point estimate sum(num)/sum(den) and its bootstrap CI, resampling documents (entries of num/den).
+
+    With den a token count this is a per-token mean; with den another variant's per-document sums it is a
+    ratio of two means on the same tokens (e.g. KL of a variant / KL of its random baseline)."""
     num, den = np.asarray(num, float), np.asarray(den, float)
     point = num.sum() / den.sum()
     b = _boot_indices(len(num), n_boot, seed)
     boots = num[b].sum(1) / np.maximum(den[b].sum(1), 1e-300)
-    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
-    return float(point), float(lo), float(hi)
-
-
-def ratio_of_ratios_ci(num_a, num_b, den, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05):
-    """sum(num_a)/sum(num_b) (e.g. KL of a variant / KL of its random baseline), CI over documents."""
-    num_a, num_b = np.asarray(num_a, float), np.asarray(num_b, float)
-    point = num_a.sum() / num_b.sum()
-    b = _boot_indices(len(num_a), n_boot, seed)
-    boots = num_a[b].sum(1) / np.maximum(num_b[b].sum(1), 1e-300)
     lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
     return float(point), float(lo), float(hi)
 

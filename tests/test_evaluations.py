@@ -160,8 +160,9 @@ def test_part6_kl_variants_baselines_and_cis(evaluations):
                  "joint_sae+interaction", "joint_full", "standalone_sae", "zero_ablation", "mean_ablation"):
         r = v[name]
         assert r["kl_ci"][0] <= r["kl"] <= r["kl_ci"][1] and r["ce_ci"][0] <= r["ce"] <= r["ce_ci"][1], name
-        if "ablation" not in name:
-            assert r["kl_ratio_to_eps_random"] > 0 and r["kl_ratio_to_cov_random"] > 0, name
+        assert r["kl_ratio_to_eps_random"] > 0 and r["kl_ratio_to_cov_random"] > 0, name
+        lo, hi = r["kl_ratio_to_eps_random_ci"]
+        assert lo <= r["kl_ratio_to_eps_random"] <= hi, name
     assert abs(v["zero_ablation"]["ce_loss_score"]) < 1e-12 and abs(v["original"]["ce_loss_score"] - 1) < 1e-12
     assert m["n_documents"] <= 40 and "sae+nfm vs sae" in m["paired_comparisons"]
 
