@@ -30,7 +30,11 @@ demo: .venv/.installed
 	$(PY) part7_gram_analysis.py --sae checkpoints/part1_sae --joint checkpoints/part5_joint --out checkpoints/part7_gram
 	@$(PY) -m common.summary $(STAGES)
 
-test: .venv/.installed
+.venv/.installed-test: requirements-test.txt .venv/.installed
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
+	touch $@
+
+test: .venv/.installed-test
 	$(PY) -m pytest -q tests
 
 # planted-ground-truth validation (README: "Does the method find interactions that are not there?")

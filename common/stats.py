@@ -41,3 +41,75 @@ def paired_difference(sum_a, sum_b, count, n_boot: int = 1000, seed: int = 0, al
     rel = diff / (sum_b.sum() / count.sum()) if sum_b.sum() != 0 else float("nan")
     return {"difference_per_token": diff, "ci": [lo, hi], "relative_to_b": rel, "t_over_documents": float(t),
             "p_over_documents": float(p), "n_documents": int(ok.sum())}
+
+
+# ------------------------------------------------------------------------------------- two-way ANOVA
+
+def _rss(X: np.ndarray, y: np.ndarray) -> tuple[float, int, np.ndarray, np.ndarray]:
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    r = y - X @ beta
+    return float(r @ r), int(np.linalg.matrix_rank(X)), beta, X
+
+
+def _dummies(labels: np.ndarray) -> np.ndarray:
+    """Treatment coding, first level (in sorted order) as reference: [n, n_levels - 1]."""
+    levels = np.unique(labels)
+    return (labels[:, None] == levels[None, 1:]).astype(float)
+
+
+def two_way_anova(y, a, b, block=None) -> dict:
+    """Type II two-way ANOVA of y on factors a, b (2 levels each or more), their interaction, and an optional
+    additive blocking factor (e.g. the prompt). The same sums of squares as statsmodels'
+    `anova_lm(ols("y ~ C(a) * C(b) [+ C(block)]").fit(), typ=2)`: every term is tested against the model
+    holding all terms that do not contain it.
+
+    Returns per term SS, df, F, p and partial eta^2 = SS / (SS + SS_residual); and, for 2 x 2 designs, the
+    interaction contrast (mu_11 - mu_10) - (mu_01 - mu_00) with its t-based 95% CI."""
+    from scipy import stats as sps
+
+    y = np.asarray(y, float)
+    a, b = np.asarray(a), np.asarray(b)
+    one = np.ones((len(y), 1))
+    A, B = _dummies(a), _dummies(b)
+    AB = np.einsum("ni,nj->nij", A, B).reshape(len(y), -1)
+    blk = _dummies(np.asarray(block)) if block is not None else np.zeros((len(y), 0))
+    terms = {"A": A, "B": B, "A:B": AB, "block": blk} if block is not None else {"A": A, "B": B, "A:B": AB}
+
+    def design(names):
+        return np.hstack([one] + [terms[t] for t in names])
+
+    full_names = list(terms)
+    rss_full, rank_full, beta, X = _rss(design(full_names), y)
+    df_resid = len(y) - rank_full
+    ms_resid = rss_full / df_resid
+    out = {}
+    for t in full_names:
+        others = [o for o in full_names if o != t and not (t in ("A", "B") and o == "A:B")]
+        with_t = others + [t]
+        rss_without, rank_without, *_ = _rss(design(others), y)
+        rss_with, rank_with, *_ = _rss(design(with_t), y)
+        ss, df = rss_without - rss_with, rank_with - rank_without
+        f = (ss / df) / ms_resid
+        out[t] = {"ss": ss, "df": df, "F": f, "p": float(sps.f.sf(f, df, df_resid)), "partial_eta_sq": ss / (ss + rss_full)}
+    out["residual"] = {"ss": rss_full, "df": df_resid}
+    if AB.shape[1] == 1:
+        Xf = design(full_names)
+        cov = ms_resid * np.linalg.pinv(Xf.T @ Xf)
+        j = 1 + A.shape[1] + B.shape[1]                      # the A:B column
+        est, se = float(beta[j]), float(np.sqrt(cov[j, j]))
+        t_crit = sps.t.ppf(0.975, df_resid)
+        out["interaction_contrast"] = {"estimate": est, "se": se, "ci": [est - t_crit * se, est + t_crit * se],
+                                       "levels": {"a": np.unique(a).tolist(), "b": np.unique(b).tolist()}}
+    return out
+
+
+def benjamini_hochberg(p) -> np.ndarray:
+    """BH-adjusted p-values (q-values): q_(i) = min_{j >= i} p_(j) m / j, capped at 1."""
+    p = np.asarray(p, float)
+    m = len(p)
+    order = np.argsort(p)
+    ranked = p[order] * m / np.arange(1, m + 1)
+    q = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(q, 1.0)
+    return out
