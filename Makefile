@@ -15,7 +15,7 @@ setup: .venv/.installed
 
 STAGES := checkpoints/part1_sae checkpoints/part2_nfm checkpoints/part3_secondary_sae checkpoints/part5_joint \
           checkpoints/part3_secondary_sae_joint checkpoints/part6_kl checkpoints/part4_inspect_sequential \
-          checkpoints/part4_inspect_joint checkpoints/part7_gram
+          checkpoints/part4_inspect_joint checkpoints/part7_gram checkpoints/part8_stimuli checkpoints/part9_clamp
 
 demo: .venv/.installed
 	$(PY) -m common.demo
@@ -28,6 +28,8 @@ demo: .venv/.installed
 	$(PY) part4_nfm_inspector.py --nfm checkpoints/part2_nfm --out checkpoints/part4_inspect_sequential
 	$(PY) part4_nfm_inspector.py --joint checkpoints/part5_joint --out checkpoints/part4_inspect_joint
 	$(PY) part7_gram_analysis.py --sae checkpoints/part1_sae --joint checkpoints/part5_joint --out checkpoints/part7_gram
+	$(PY) part8_stimulus_response.py --sae checkpoints/part1_sae --nfm checkpoints/part2_nfm --secondary checkpoints/part3_secondary_sae --out checkpoints/part8_stimuli
+	$(PY) part9_clamping_intervention.py --part8 checkpoints/part8_stimuli --out checkpoints/part9_clamp
 	@$(PY) -m common.summary $(STAGES)
 
 .venv/.installed-test: requirements-test.txt .venv/.installed

@@ -52,6 +52,9 @@ PRESETS = {
         "part5": {**PAPER_COMMON, "n_latents": 50_000, "k": 1024, "nfm_dim": 300, "train_tokens": 5_000_000,
                   "batch_size": 4096},
         "part4": PAPER_COMMON, "part6": {**PAPER_COMMON, "docs": 2000}, "part7": PAPER_COMMON,
+        "part9": {**PAPER_COMMON, "buckets": str(Path(__file__).resolve().parent.parent / "stimuli" / "word_buckets_en.json"),
+                  "prompts": str(Path(__file__).resolve().parent.parent / "stimuli" / "formality_emotion_en.json")},
+        "part8": {**PAPER_COMMON, "stimuli": str(Path(__file__).resolve().parent.parent / "stimuli" / "formality_emotion_en.json")},
     },
 }
 

@@ -325,3 +325,38 @@ def get_activations(args, spec: DataSpec | None, width: int | None = None, lm: d
     desc = {"source": "model", **asdict(spec), "model_fingerprint": fingerprint, "split": "by document",
             "train_tokens": tr.shape[0], "val_tokens": va.shape[0]}
     return Activations(tr, va, trd, vad, desc)
+
+
+@torch.no_grad()
+def collect_sentences(model, tokenizer, sentences: list[str], layer: int, keep_bos: bool = False,
+                      batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer-L activations of every kept token of every sentence: ([n_tokens, d], sentence index [n_tokens]).
+    Each sentence is one sequence [BOS] + tokens, as in training; BOS and pads are dropped unless keep_bos."""
+    from .hooks import collect
+
+    device = next(model.parameters()).device
+    bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    acts, owner = [], []
+    for s in range(0, len(sentences), batch_size):
+        seqs = [([bos] if bos is not None else []) + tokenizer(t, add_special_tokens=False)["input_ids"]
+                for t in sentences[s:s + batch_size]]
+        ids, mask = batch_sequences(seqs, pad)
+        h = collect(model, layer, ids.to(device), mask.to(device))                # [batch, pos, d_model]
+        keep = keep_mask(tokenizer, mask, keep_bos).to(device)
+        rows = torch.arange(s, s + len(seqs), device=device)[:, None].expand_as(keep)
+        acts.append(h[keep].float().cpu())
+        owner.append(rows[keep].cpu())
+    return torch.cat(acts), torch.cat(owner)
+
+
+def per_sentence(values: torch.Tensor, owner: torch.Tensor, n_sentences: int, how: str = "mean") -> torch.Tensor:
+    """Aggregate token rows [n_tokens, m] into sentence rows [n_sentences, m] by mean or max."""
+    out = torch.zeros(n_sentences, values.shape[1], dtype=torch.float64)
+    if how == "mean":
+        out.index_add_(0, owner, values.double())
+        return (out / torch.bincount(owner, minlength=n_sentences).clamp_min(1)[:, None]).float()
+    if how == "max":
+        out.fill_(-float("inf"))
+        out = out.scatter_reduce(0, owner[:, None].expand_as(values), values.double(), reduce="amax")
+        return out.float()
+    raise UserError(f"unknown --aggregate {how!r}; use mean or max")

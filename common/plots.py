@@ -169,3 +169,88 @@ def scatter_panels(x, ys: dict[str, np.ndarray], path: Path, xlabel: str, thresh
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def cell_boxplots(values: dict[str, np.ndarray], labels: np.ndarray, cells: list[str], a: np.ndarray, b: np.ndarray,
+                  path: Path) -> Path:
+    """Per chosen quantity: a box per 2x2 cell, and a box per level of each factor."""
+    fig, axes = plt.subplots(len(values), 2, figsize=(10, 2.8 * len(values)), squeeze=False)
+    for row, (name, v) in zip(axes, values.items()):
+        row[0].boxplot([v[labels == c] for c in cells], tick_labels=cells)
+        row[0].set_title(f"{name}: per cell", fontsize=9)
+        lv = list(dict.fromkeys(a.tolist())) + list(dict.fromkeys(b.tolist()))
+        data = [v[a == x] for x in dict.fromkeys(a.tolist())] + [v[b == x] for x in dict.fromkeys(b.tolist())]
+        row[1].boxplot(data, tick_labels=lv)
+        row[1].set_title(f"{name}: per factor level", fontsize=9)
+        for ax in row:
+            ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def clamp_plots(results: dict, levels_a: list[str], levels_b: list[str], out: Path) -> list[Path]:
+    """part9's figures: interaction lines per setting, the 2x2 heatmap at the strongest setting, effect sizes
+    by setting for the target and its controls, and the per-word logit changes."""
+    target = results["target"]
+    settings = list(target)
+    paths = []
+    fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3.2), squeeze=False)
+    for ax, s in zip(axes[0], settings):
+        cm = target[s]["cell_means"]
+        for la in levels_a:
+            ax.plot(levels_b, [cm[f"{la}|{lb}"] for lb in levels_b], marker="o", label=la)
+        ax.set_title(s, fontsize=9)
+        ax.set_ylabel("mean logit change", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "interaction_lines.png", dpi=100)
+    plt.close(fig)
+    paths.append(out / "interaction_lines.png")
+    strongest = max(settings, key=lambda s: target[s].get("max_abs_logit_change", 0))
+    cm = target[strongest]["cell_means"]
+    grid = np.array([[cm[f"{la}|{lb}"] for lb in levels_b] for la in levels_a])
+    fig, ax = plt.subplots(figsize=(4, 3.4))
+    im = ax.imshow(grid, cmap="RdBu_r", vmin=-np.abs(grid).max(), vmax=np.abs(grid).max())
+    ax.set_xticks(range(len(levels_b)), levels_b)
+    ax.set_yticks(range(len(levels_a)), levels_a)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(j, i, f"{grid[i, j]:+.3f}", ha="center", va="center", fontsize=9)
+    fig.colorbar(im)
+    ax.set_title(f"mean logit change, {strongest}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "cell_heatmap.png", dpi=100)
+    plt.close(fig)
+    paths.append(out / "cell_heatmap.png")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for cname, res in results.items():
+        xs = [s for s in res if "A:B" in res[s]]
+        axes[0].plot(xs, [res[s]["A:B"]["partial_eta_sq"] for s in xs], marker="o", label=cname)
+        est = [res[s]["interaction_contrast"]["estimate"] for s in xs]
+        lo = [res[s]["interaction_contrast"]["ci"][0] for s in xs]
+        hi = [res[s]["interaction_contrast"]["ci"][1] for s in xs]
+        axes[1].errorbar(xs, est, yerr=[np.subtract(est, lo), np.subtract(hi, est)], marker="o", capsize=3, label=cname)
+    axes[0].set_ylabel("partial eta^2 of the interaction", fontsize=8)
+    axes[1].set_ylabel("interaction contrast (logits, 95% CI)", fontsize=8)
+    axes[1].axhline(0, color="black", lw=0.6)
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "effect_by_multiplier.png", dpi=100)
+    plt.close(fig)
+    paths.append(out / "effect_by_multiplier.png")
+    w = np.asarray(target[strongest]["word_mean_change"])
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.scatter(range(len(w)), w, s=12)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlabel("bucket word (in bucket order)", fontsize=8)
+    ax.set_ylabel("mean logit change", fontsize=8)
+    ax.set_title(f"per-word logit change, {strongest}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "word_scatter.png", dpi=100)
+    plt.close(fig)
+    paths.append(out / "word_scatter.png")
+    return paths

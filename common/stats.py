@@ -113,3 +113,38 @@ def benjamini_hochberg(p) -> np.ndarray:
     out = np.empty(m)
     out[order] = np.minimum(q, 1.0)
     return out
+
+
+def two_way_anova_many(Y, a, b) -> dict:
+    """two_way_anova (type II, no block) for every column of Y [n, m] at once: the design is shared, so each
+    model's residual-maker matrix is built once. Returns arrays [m] per term: ss, F, p, partial_eta_sq, and
+    the overall F of the full model against the intercept (for ranking by any effect)."""
+    from scipy import stats as sps
+
+    Y = np.asarray(Y, float)
+    a, b = np.asarray(a), np.asarray(b)
+    n = Y.shape[0]
+    one = np.ones((n, 1))
+    A, B = _dummies(a), _dummies(b)
+    AB = np.einsum("ni,nj->nij", A, B).reshape(n, -1)
+
+    def rss(*parts):
+        X = np.hstack((one,) + parts)
+        R = Y - X @ np.linalg.pinv(X) @ Y
+        return (R * R).sum(0), int(np.linalg.matrix_rank(X))
+
+    rss_full, r_full = rss(A, B, AB)
+    rss_ab, r_ab = rss(A, B)
+    rss_a, r_a = rss(A)
+    rss_b, r_b = rss(B)
+    rss_0 = ((Y - Y.mean(0)) ** 2).sum(0)
+    df_resid = n - r_full
+    ms_resid = np.maximum(rss_full / df_resid, 1e-300)
+    out = {}
+    for name, ss, df in (("A", rss_b - rss_ab, r_ab - r_b), ("B", rss_a - rss_ab, r_ab - r_a),
+                         ("A:B", rss_ab - rss_full, r_full - r_ab), ("overall", rss_0 - rss_full, r_full - 1)):
+        f = (ss / df) / ms_resid
+        out[name] = {"ss": ss, "df": df, "F": f, "p": sps.f.sf(f, df, df_resid),
+                     "partial_eta_sq": ss / np.maximum(ss + rss_full, 1e-300)}
+    out["residual_df"] = df_resid
+    return out

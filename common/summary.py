@@ -32,6 +32,18 @@ def headline(m: dict) -> str:
         keys = [k for k in ("sae", "sae+nfm", "joint_sae", "joint_full", "standalone_sae") if k in v]
         return "KL per token: " + ", ".join(f"{k} {v[k]['kl']:.4f}" for k in keys) + (
             f"; SAE / eps-random {v['sae']['kl_ratio_to_eps_random']:.2f}x" if "kl_ratio_to_eps_random" in v.get("sae", {}) else "")
+    if stage.startswith("part8"):
+        pr = m["primary"]
+        s = "significant primary features (q < 0.05): " + ", ".join(f"{k} {v}" for k, v in pr["significant_at_q05"].items())
+        if "secondary" in m and m["secondary"]["top_by_interaction_F"]:
+            t = m["secondary"]["top_by_interaction_F"][0]
+            s += f"; top integration feature {t['feature']} (interaction F {t['F']:.1f})"
+        return s
+    if stage.startswith("part9"):
+        tgt = m["conditions"]["target"]
+        tested = [(k, v) for k, v in tgt.items() if "A:B" in v]
+        return (f"clamping {m['kind']} feature {m['feature']}: " + ", ".join(
+            f"{k} F {v['A:B']['F']:.2f} p {v['A:B']['p']:.3g}" for k, v in tested)) if tested else "no logit changed"
     if stage.startswith("part7"):
         return "; ".join(f"{name}: sq-norm mean {r['squared_norm_mean']:.3f}, two modes {r['bimodality']['two_modes']}"
                          for name, r in m["models"].items())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the project root
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -64,3 +64,18 @@ def test_benjamini_hochberg_by_hand_and_statsmodels():
     rng = np.random.default_rng(0)
     p = rng.random(200) ** 3
     assert np.allclose(benjamini_hochberg(p), multipletests(p, method="fdr_bh")[1])
+
+
+def test_vectorised_anova_equals_the_single_one():
+    from common.stats import two_way_anova_many
+    df = _data(7, unbalanced=True)
+    rng = np.random.default_rng(0)
+    Y = np.column_stack([df.y, rng.normal(size=len(df)), df.y * 2 + 1])
+    many = two_way_anova_many(Y, df.a, df.b)
+    for j in range(Y.shape[1]):
+        one = two_way_anova(Y[:, j], df.a, df.b)
+        for t in ("A", "B", "A:B"):
+            for k in ("ss", "F", "p", "partial_eta_sq"):
+                assert abs(many[t][k][j] - one[t][k]) < 1e-8 * max(1, abs(one[t][k])), (t, k)
+    fit = smf.ols("y ~ C(a) * C(b)", df).fit()
+    assert abs(many["overall"]["F"][0] - fit.fvalue) < 1e-6 and abs(many["overall"]["p"][0] - fit.f_pvalue) < 1e-9
