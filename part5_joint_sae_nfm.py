@@ -31,7 +31,7 @@ from common.metrics import ReconAccumulator, recon_stats
 from common.nfm import NFMConfig
 from common.normalize import MODES, Normalizer
 from common.sae import SAEConfig, TopKSAE, default_dead_tokens, default_lr, load_sae_checkpoint, reconstruct_all, train_sae
-from common.train import fit, module_device, split_selection_test
+from common.train import fit, split_selection_test
 
 
 def build_parser():

@@ -38,8 +38,7 @@ from common import checkpoint, cli, plots
 from common.data import DataSpec, collect_sentences, per_sentence
 from common.models import load_model
 from common.nfm import NFM
-from common.normalize import Normalizer
-from common.sae import TopKSAE, encode_all, load_sae_checkpoint
+from common.sae import encode_all, load_sae_checkpoint, load_secondary_checkpoint
 from common.stats import benjamini_hochberg, two_way_anova_many
 from common.stimuli import load_stimuli
 from common.train import batched, module_device
@@ -56,6 +55,12 @@ def build_parser():
                    help="part3 output folder (trained on --nfm); '' to skip (default: checkpoints/part3_secondary_sae)")
     p.add_argument("--stimuli", default=str(ROOT / "stimuli" / "demo_formality_emotion.json"),
                    help="2x2 stimulus set (format: stimuli/README.md) (default: stimuli/demo_formality_emotion.json)")
+    p.add_argument("--generate-stimuli", default=None, metavar="DESCRIPTION",
+                   help="first ask Claude (ANTHROPIC_API_KEY) for a new formality x emotion style set from this short "
+                        "description of the two factors, validate it and save it to --stimuli (which must not exist yet)")
+    p.add_argument("--factors", default="formality:formal,casual;emotion:emotional,neutral",
+                   help="factor names and levels for --generate-stimuli (default: formality:formal,casual;emotion:emotional,neutral)")
+    p.add_argument("--claude-model", default=None, help="Claude model for --generate-stimuli (default: common.claude.DEFAULT_MODEL)")
     p.add_argument("--aggregate", choices=["mean", "max"], default="mean", help="per-sentence value of a feature (default: mean)")
     p.add_argument("--top", type=int, default=10, help="features / dimensions / pairs listed per ranking (default: 10)")
     p.add_argument("--lm-batch-size", type=int, default=32, help="sentences per LM forward pass (default: 32)")
@@ -90,7 +95,6 @@ def ranking(tab: dict, term: str, top: int, lowest: bool = False) -> list[dict]:
 def pair_attribution(idx, val, owner, weight_fn, top: int, min_tokens: int = 3) -> list[dict]:
     """Rank primary pairs (i<j) by mean exact contribution weight_fn(i, j) * f_i f_j over the tokens where both
     fire; pairs seen together on fewer than min_tokens tokens are left out (a mean of one token is noise)."""
-    sums: dict[tuple[int, int], list] = {}
     k = idx.shape[1]
     iu = torch.triu_indices(k, k, 1)
     a, b = idx[:, iu[0]], idx[:, iu[1]]                                    # [tokens, k(k-1)/2]
@@ -110,8 +114,29 @@ def pair_attribution(idx, val, owner, weight_fn, top: int, min_tokens: int = 3) 
              "tokens_both_active": int(count[o])} for o in order]
 
 
-def main(argv=None):
+def generate_set(args, http_client=None) -> None:
+    """--generate-stimuli: Claude writes a set, it is validated, then saved atomically to --stimuli."""
+    from common.claude import DEFAULT_MODEL, ClaudeClient, require_api_key
+    from common.stimuli import generate_stimuli
+
+    require_api_key()
+    target = Path(args.stimuli)
+    if target.exists():
+        raise cli.UserError(f"--stimuli {target} exists; --generate-stimuli writes a new file, give another path")
+    try:
+        (fa, la), (fb, lb) = [(x.split(":")[0], x.split(":")[1].split(",")) for x in args.factors.split(";")]
+    except (ValueError, IndexError):
+        raise cli.UserError(f"--factors {args.factors!r}: use 'nameA:level1,level2;nameB:level1,level2'") from None
+    client = ClaudeClient(args.claude_model or DEFAULT_MODEL, Path(args.out) / "claude_cache", http_client=http_client)
+    obj = generate_stimuli(client, args.generate_stimuli, fa, la, fb, lb)
+    cli.write_json(target, obj)
+    print(f"wrote the generated stimulus set to {target}")
+
+
+def main(argv=None, http_client=None):
     args = cli.parse(build_parser(), argv, stage="part8")
+    if args.generate_stimuli:
+        generate_set(args, http_client)
     cli.seed_everything(args.seed)
     out = cli.prepare_out(args.out)
     t0 = time.time()
@@ -130,10 +155,8 @@ def main(argv=None):
         checkpoint.check_parent(nfm_cfg, "sae", sae_cfg, "--nfm", "--sae")
         nfm = NFM.from_tensors(t, nfm_cfg["hparams"])
         if args.secondary and Path(args.secondary).exists():
-            t2, sec_cfg = checkpoint.load(args.secondary, "secondary_sae", "--secondary")
+            sec, unorm, sec_cfg = load_secondary_checkpoint(args.secondary)
             checkpoint.check_parent(sec_cfg, "nfm", nfm_cfg, "--secondary", "--nfm")
-            sec = TopKSAE.from_tensors({k: v for k, v in t2.items() if not k.startswith(("norm.", "init."))}, sec_cfg["hparams"])
-            unorm = Normalizer.from_tensors(t2, sec_cfg["normalize"])
 
     model, tok, _ = load_model(spec.model, args.dtype, args.device)
     acts, owner = collect_sentences(model, tok, sentences, spec.layer, spec.keep_bos, args.lm_batch_size)

@@ -7,7 +7,7 @@ feature changes the reconstruction by delta, and the LM receives h + delta, so t
 error of the unclamped activation is kept and an unclamped (or multiplier-1) run reproduces the model
 exactly. For a secondary feature s: delta = scale * (q(u + du) - q(u)), du = the change of the secondary
 SAE's reconstruction of u when s's value is multiplied (or set, --set-value), q the NFM's interaction
-output from its hidden layer u. For a primary feature i: delta = scale * (change of SAE + NFM output when
+output from its hidden layer u. The model path is the sequential SAE + NFM, or the joint model (--joint). For a primary feature i: delta = scale * (change of SAE + NFM output when
 f_i is multiplied or set).
 
 Per multiplier, on logit changes (clamped - unclamped) at the last prompt position for every bucket word:
@@ -38,10 +38,10 @@ import torch
 from common import checkpoint, cli, plots
 from common.data import DataSpec, keep_mask
 from common.hooks import splice
+from common.joint import load_joint_checkpoint
 from common.models import load_model
 from common.nfm import NFM
-from common.normalize import Normalizer
-from common.sae import TopKSAE, load_sae_checkpoint
+from common.sae import load_sae_checkpoint, load_secondary_checkpoint
 from common.stats import two_way_anova
 from common.stimuli import bucket_token_ids, load_stimuli, load_word_buckets
 
@@ -53,6 +53,9 @@ def build_parser():
     cli.add_common_args(p, "checkpoints/part9_clamp")
     p.add_argument("--sae", default="checkpoints/part1_sae", help="part1 output folder (default: checkpoints/part1_sae)")
     p.add_argument("--nfm", default="checkpoints/part2_nfm", help="part2 output folder (default: checkpoints/part2_nfm)")
+    p.add_argument("--joint", default=None,
+                   help="part5 output folder: clamp in the joint model instead (its SAE and NFM paths replace --sae/--nfm; "
+                        "--secondary must then be a part3 --joint run)")
     p.add_argument("--secondary", default="checkpoints/part3_secondary_sae",
                    help="part3 output folder, for clamping integration features (default: checkpoints/part3_secondary_sae)")
     p.add_argument("--kind", choices=["secondary", "primary"], default="secondary", help="which feature space (default: secondary)")
@@ -167,19 +170,25 @@ def main(argv=None):
     cli.seed_everything(args.seed)
     out = cli.prepare_out(args.out)
     t0 = time.time()
-    sae, norm, sae_cfg = load_sae_checkpoint(args.sae)
-    spec = DataSpec.from_description(sae_cfg["data"])
+    if args.joint:
+        joint, norm, parent_cfg = load_joint_checkpoint(args.joint)
+        sae, nfm, parent_role, parent_flag = joint.sae, joint.nfm, "joint", "--joint"
+        spec = DataSpec.from_description(parent_cfg["data"])
+    else:
+        sae, norm, sae_cfg = load_sae_checkpoint(args.sae)
+        spec = DataSpec.from_description(sae_cfg["data"])
+        t, parent_cfg = checkpoint.load(args.nfm, "nfm", "--nfm")
+        checkpoint.check_parent(parent_cfg, "sae", sae_cfg, "--nfm", "--sae")
+        nfm, parent_role, parent_flag = NFM.from_tensors(t, parent_cfg["hparams"]), "nfm", "--nfm"
     if spec is None:
-        raise cli.UserError(f"--sae {args.sae} was trained on an activation file; part9 needs the LM it was trained on")
-    t, nfm_cfg = checkpoint.load(args.nfm, "nfm", "--nfm")
-    checkpoint.check_parent(nfm_cfg, "sae", sae_cfg, "--nfm", "--sae")
-    nfm = NFM.from_tensors(t, nfm_cfg["hparams"])
+        raise cli.UserError("the models were trained on an activation file; part9 needs the LM they were trained on")
     sec = unorm = None
     if args.kind == "secondary":
-        t2, sec_cfg = checkpoint.load(args.secondary, "secondary_sae", "--secondary")
-        checkpoint.check_parent(sec_cfg, "nfm", nfm_cfg, "--secondary", "--nfm")
-        sec = TopKSAE.from_tensors({k: v for k, v in t2.items() if not k.startswith(("norm.", "init."))}, sec_cfg["hparams"])
-        unorm = Normalizer.from_tensors(t2, sec_cfg["normalize"])
+        sec, unorm, sec_cfg = load_secondary_checkpoint(args.secondary)
+        if parent_role not in sec_cfg["parents"]:
+            raise cli.UserError(f"--secondary {args.secondary} was not trained on a {parent_role} model; pass the part3 run "
+                                f"made {'with --joint' if args.joint else 'on --nfm'}")
+        checkpoint.check_parent(sec_cfg, parent_role, parent_cfg, "--secondary", parent_flag)
     n_feat = (sec or sae).cfg.n_latents
     feature = args.feature
     if feature is None:
@@ -262,6 +271,7 @@ def main(argv=None):
                     text = generate(model, tok, spec.layer, prompts[0], c, args.generate_tokens, sample, args.seed, spec.keep_bos)
                     gens.append(f"[{label}, {'sampled' if sample else 'greedy'}] {prompts[0]} || {text}")
     metrics = {"stage": "part9_clamping_intervention", "kind": args.kind, "feature": feature,
+               "model_path": "joint " + args.joint if args.joint else "sequential " + args.nfm,
                "control_feature": control_feature, "n_prompts": len(prompts), "n_words": len(words),
                "word_tokens": token_report, "conditions": results, "seconds": time.time() - t0,
                "definitions": __doc__.split("Demo")[0].strip()}

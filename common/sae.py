@@ -238,6 +238,11 @@ def load_sae_checkpoint(path, flag: str = "--sae", kind: str = "sae"):
     return sae, Normalizer.from_tensors(tensors, cfg["normalize"]), cfg
 
 
+def load_secondary_checkpoint(path, flag: str = "--secondary"):
+    """(secondary SAE, the normaliser of its input u, config) from a part3 checkpoint folder."""
+    return load_sae_checkpoint(path, flag, kind="secondary_sae")
+
+
 @torch.no_grad()
 def codes_and_residuals(sae: TopKSAE, x_norm: torch.Tensor, batch: int = 4096):
     """For normalised rows: top-k code (idx, val) and the residual r = x - x_hat, all [n, ...]."""

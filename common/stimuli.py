@@ -40,7 +40,6 @@ import argparse
 import json
 import random
 import re
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -553,6 +552,33 @@ def demo_word_buckets(n_per_bucket: int | None = None) -> dict:
         "factors": _demo_factors(),
         "buckets": {f"{f}{CELL_SEP}{e}": words[:n] for (f, e), words in cell_words.items()},
     }
+
+
+GENERATE_SYSTEM = "You write balanced stimulus sets for 2x2 psycholinguistic experiments. Reply with JSON only."
+
+
+def generate_stimuli(client, description: str, factor_a: str, levels_a: list[str], factor_b: str,
+                     levels_b: list[str], n_per_cell: int = 50) -> dict:
+    """Ask Claude (a common.claude.ClaudeClient) for a new 2x2 set in this module's format; the reply is
+    validated like any file (StimulusError on anything malformed) before it is returned."""
+    cells = {f"{a}{CELL_SEP}{b}": [] for a in levels_a for b in levels_b}
+    skeleton = {"name": "generated", "description": description,
+                "factors": {"A": {"name": factor_a, "levels": list(levels_a)}, "B": {"name": factor_b, "levels": list(levels_b)}},
+                "cells": cells}
+    prompt = (f"Write a 2x2 stimulus set: {description}\n\nFill every cell with exactly {n_per_cell} distinct, natural, "
+              f"single English sentences that express that cell's combination of levels, varied in topic and with "
+              f"similar lengths across cells. Reply with this JSON object, cells filled, and nothing else:\n"
+              f"{json.dumps(skeleton, indent=1)}")
+    text = client.complete(prompt, system=GENERATE_SYSTEM, max_tokens=16000)
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
+        raise StimulusError("Claude's reply holds no JSON object; rerun, or write the set by hand (format: stimuli/README.md)")
+    try:
+        obj = json.loads(text[start:end + 1])
+    except json.JSONDecodeError as e:
+        raise StimulusError(f"Claude's reply is not valid JSON ({e.msg}, line {e.lineno}); rerun, or write the set by hand") from None
+    validate_stimuli(obj, "the generated set")
+    return obj
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import run_script
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +55,13 @@ def test_multiplier_one_and_no_clamp_reproduce_the_model_exactly(pipeline, tiny_
     import part9_clamping_intervention as p9
     from common import checkpoint
     from common.nfm import NFM
-    from common.normalize import Normalizer
-    from common.sae import TopKSAE, load_sae_checkpoint
+    from common.sae import load_sae_checkpoint, load_secondary_checkpoint
 
     model, tok = tiny_lm
     sae, norm, _ = load_sae_checkpoint(pipeline / "p1")
     t, c = checkpoint.load(pipeline / "p2", "nfm", "--nfm")
     nfm = NFM.from_tensors(t, c["hparams"])
-    t2, c2 = checkpoint.load(pipeline / "p3", "secondary_sae", "--secondary")
-    sec = TopKSAE.from_tensors({k: v for k, v in t2.items() if not k.startswith(("norm.", "init."))}, c2["hparams"])
-    unorm = Normalizer.from_tensors(t2, c2["normalize"])
+    sec, unorm, _ = load_secondary_checkpoint(pipeline / "p3")
     prompts = ["the weather is nice today and", "dear sir, I am writing to"]
     with torch.no_grad():
         plain = torch.stack([model(input_ids=torch.tensor([[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"]])).logits[0, -1]
@@ -78,3 +75,22 @@ def test_multiplier_one_and_no_clamp_reproduce_the_model_exactly(pipeline, tiny_
         idx, _ = sae.encode(norm.encode(h))
         strong = p9.Clamp(sae, norm, nfm, sec, unorm, "primary", int(idx[0, 0]), mult=5.0)
         assert strong.delta(h).abs().max() > 0
+
+
+def test_part9_on_the_joint_model(pipeline, tiny_demo, tmp_path):
+    """The joint model path: part5 + part3 --joint, then part9 --joint (feature given explicitly)."""
+    out = pipeline
+    data = ["--train-tokens", "12000", "--val-tokens", "3000", "--cache-dir", str(out / "cache")]
+    run_script("part5_joint_sae_nfm.py", "--model", str(tiny_demo), "--dataset", str(tiny_demo / "corpus.txt"),
+               "--layer", "1", "--n-latents", "128", "--k", "8", "--nfm-dim", "16", "--epochs", "1",
+               "--baseline-sae", str(out / "p1"), "--out", str(tmp_path / "p5"), *data)
+    run_script("part3_train_secondary_sae.py", "--joint", str(tmp_path / "p5"), "--expansion", "4", "--k", "4",
+               "--epochs", "1", "--out", str(tmp_path / "p3j"), *data)
+    run_script("part9_clamping_intervention.py", "--joint", str(tmp_path / "p5"), "--secondary", str(tmp_path / "p3j"),
+               "--feature", "0", "--multipliers", "0", "1", "4", "--n-prompts", "8", "--generate-tokens", "0",
+               "--out", str(tmp_path / "p9j"))
+    m = json.loads((tmp_path / "p9j" / "metrics.json").read_text())
+    assert m["model_path"].startswith("joint") and set(m["conditions"]["target"]) == {"mult=0", "mult=1", "mult=4"}
+    wrong = run_script("part9_clamping_intervention.py", "--secondary", str(tmp_path / "p3j"), "--feature", "0",
+                       "--sae", str(out / "p1"), "--nfm", str(out / "p2"), "--out", str(tmp_path / "x"), check=False)
+    assert wrong.returncode == 2 and "not trained on a nfm model" in wrong.stderr

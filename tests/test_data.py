@@ -6,7 +6,7 @@ from common.cli import UserError
 from common.data import (DataSpec, _wikitext_articles, batch_sequences, cached_activations, collect_activations,
                          iter_documents, iter_sequences, keep_mask, load_activation_file, save_activation_file,
                          split_rows)
-from common.hooks import collect
+
 
 
 def test_split_is_by_document_and_stable(tiny_demo):

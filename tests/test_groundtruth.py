@@ -2,14 +2,13 @@
 import itertools
 
 import numpy as np
-import pytest
 import torch
 
 from common.groundtruth import (auc, match_latents, oracle_codes, pair_ranking, precision_at, r2, share,
                                 typical_values)
 from common.nfm import NFM, NFMConfig, predict, train_nfm
 from common.synthetic import SyntheticConfig, apply_g, generate
-from common.train import split_selection_test
+
 
 
 def test_generator_statistics_and_null_mode():

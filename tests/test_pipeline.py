@@ -1,7 +1,6 @@
 """Smoke tests: part1 -> part2 -> part3 as subprocesses on the tiny demo, plus bad-input errors."""
 import json
 
-import pytest
 import torch
 
 from conftest import run_script
