@@ -40,7 +40,7 @@ from common.models import load_model
 from common.nfm import NFM
 from common.sae import encode_all, load_sae_checkpoint, load_secondary_checkpoint
 from common.stats import benjamini_hochberg, two_way_anova_many
-from common.stimuli import load_stimuli
+from common.stimuli import length_warnings, load_stimuli
 from common.train import batched, module_device
 
 ROOT = Path(__file__).resolve().parent
@@ -159,6 +159,9 @@ def main(argv=None, http_client=None):
             checkpoint.check_parent(sec_cfg, "nfm", nfm_cfg, "--secondary", "--nfm")
 
     model, tok, _ = load_model(spec.model, args.dtype, args.device)
+    warnings = length_warnings(stim, tok)            # cells of unequal length confound the factors
+    for w in warnings:
+        print(f"warning: {w}")
     acts, owner = collect_sentences(model, tok, sentences, spec.layer, spec.keep_bos, args.lm_batch_size)
     device = next(model.parameters()).device
     for m in (sae, nfm, sec):
@@ -174,6 +177,7 @@ def main(argv=None, http_client=None):
     tab = anova_table(F_primary, a, b, active)
     names = {"A": stim.factor_a, "B": stim.factor_b, "A:B": f"{stim.factor_a} x {stim.factor_b}"}
     result = {"stage": "part8_stimulus_response", "stimuli": args.stimuli, "n_sentences": n_sent,
+              "stimulus_warnings": warnings + list(stim.warnings),
               "n_tokens": int(idx.shape[0]), "aggregate": args.aggregate, "factors": names,
               "levels": {"A": stim.levels_a, "B": stim.levels_b},
               "primary": {"n_active_features": int(active.sum()),

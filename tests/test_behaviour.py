@@ -27,6 +27,7 @@ def test_part8_discovers_features_for_both_factors(behaviour):
         top = m["primary"]["top"][factor]
         assert top and top[0]["q"] < 0.05, (factor, top[:1])           # the demo factors are learned
     assert set(m["nfm_dimensions"]) >= {"combined_weight", "max_difference", "max_variance_of_cell_means"}
+    assert isinstance(m["stimulus_warnings"], list)
     assert m["secondary"]["top_by_interaction_F"] and m["primary"]["counter_examples_lowest_overall_F"]
     for block in m["secondary"]["pair_attribution"]:
         for p in block["pairs"]:
@@ -94,3 +95,12 @@ def test_part9_on_the_joint_model(pipeline, tiny_demo, tmp_path):
     wrong = run_script("part9_clamping_intervention.py", "--secondary", str(tmp_path / "p3j"), "--feature", "0",
                        "--sae", str(out / "p1"), "--nfm", str(out / "p2"), "--out", str(tmp_path / "x"), check=False)
     assert wrong.returncode == 2 and "not trained on a nfm model" in wrong.stderr
+
+
+def test_generate_stimuli_without_key_is_one_line_and_writes_nothing(pipeline, tmp_path):
+    target, out = tmp_path / "new.json", tmp_path / "p8"
+    proc = run_script("part8_stimulus_response.py", "--sae", str(pipeline / "p1"), "--stimuli", str(target),
+                      "--generate-stimuli", "formality x emotion", "--out", str(out), check=False,
+                      env_remove=("ANTHROPIC_API_KEY",))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "ANTHROPIC_API_KEY" in proc.stderr
+    assert not target.exists() and not out.exists()
