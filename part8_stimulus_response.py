@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from common import checkpoint, cli, plots
-from common.data import DataSpec, collect_sentences, per_sentence
+from common.data import DataSpec, collect_sentences, per_sentence, per_sentence_codes
 from common.models import load_model
 from common.nfm import NFM
 from common.sae import encode_all, load_sae_checkpoint, load_secondary_checkpoint
@@ -169,10 +169,7 @@ def main(argv=None, http_client=None):
             m.to(device)
     idx, val = encode_all(sae, norm.encode(acts))                              # [tokens, k]
     n_sent, n_lat = len(sentences), sae.cfg.n_latents
-    dense = torch.zeros(idx.shape[0], n_lat).scatter_(1, idx, val) if n_lat * idx.shape[0] < 2e8 else None
-    if dense is None:
-        raise cli.UserError("too many stimulus tokens x latents for the dense per-sentence table; use fewer sentences")
-    F_primary = per_sentence(dense, owner, n_sent, args.aggregate).numpy()     # [sentences, n_latents]
+    F_primary = per_sentence_codes(idx, val, owner, n_sent, n_lat, args.aggregate).numpy()   # [sentences, n_latents]
     active = F_primary.std(0) > 1e-9
     tab = anova_table(F_primary, a, b, active)
     names = {"A": stim.factor_a, "B": stim.factor_b, "A:B": f"{stim.factor_a} x {stim.factor_b}"}
@@ -220,8 +217,7 @@ def main(argv=None, http_client=None):
         if sec is not None:
             u = batched(nfm.hidden, idx, val, device=module_device(nfm))
             s_idx, s_val = encode_all(sec, unorm.encode(u))
-            S = per_sentence(torch.zeros(s_idx.shape[0], sec.cfg.n_latents).scatter_(1, s_idx, s_val), owner, n_sent,
-                             args.aggregate).numpy()
+            S = per_sentence_codes(s_idx, s_val, owner, n_sent, sec.cfg.n_latents, args.aggregate).numpy()
             s_active = S.std(0) > 1e-9
             stab = anova_table(S, a, b, s_active)
             top_int = ranking(stab, "A:B", args.top)

@@ -360,3 +360,19 @@ def per_sentence(values: torch.Tensor, owner: torch.Tensor, n_sentences: int, ho
         out = out.scatter_reduce(0, owner[:, None].expand_as(values), values.double(), reduce="amax")
         return out.float()
     raise UserError(f"unknown --aggregate {how!r}; use mean or max")
+
+
+def per_sentence_codes(idx: torch.Tensor, val: torch.Tensor, owner: torch.Tensor, n_sentences: int, n_latents: int,
+                       how: str = "mean") -> torch.Tensor:
+    """per_sentence for a sparse top-k code (idx, val) [n_tokens, k] without a dense [n_tokens, n_latents]
+    table: [n_sentences, n_latents]. Inactive tokens count as 0 (codes are >= 0, so max starts at 0)."""
+    flat = (owner[:, None] * n_latents + idx).reshape(-1)
+    v = val.reshape(-1).double()
+    out = torch.zeros(n_sentences * n_latents, dtype=torch.float64)
+    if how == "mean":
+        out.index_add_(0, flat, v)
+        out = out.view(n_sentences, n_latents) / torch.bincount(owner, minlength=n_sentences).clamp_min(1)[:, None]
+        return out.float()
+    if how == "max":
+        return out.scatter_reduce(0, flat, v, reduce="amax").view(n_sentences, n_latents).float()
+    raise UserError(f"unknown --aggregate {how!r}; use mean or max")

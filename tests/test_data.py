@@ -133,3 +133,18 @@ def test_refuses_a_model_changed_since_the_parent_was_trained(tiny_demo, tmp_pat
     assert acts.description["model_fingerprint"] == model_fingerprint(str(tiny_demo))
     with pytest.raises(UserError, match="changed on disk"):
         get_activations(args, spec, parent={"model_fingerprint": "something-else"})
+
+
+
+def test_per_sentence_codes_equal_the_dense_aggregation():
+    from common.data import per_sentence, per_sentence_codes
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(20, generator=g)[:4] for _ in range(30)])
+    val = torch.rand(30, 4, generator=g)
+    val[::5, 0] = 0                                            # picked but not firing
+    owner = torch.sort(torch.randint(0, 6, (30,), generator=g)).values
+    dense = torch.zeros(30, 20).scatter_(1, idx, val)
+    for how in ("mean", "max"):
+        want = per_sentence(dense, owner, 7, how)
+        want[torch.isinf(want)] = 0                             # sentence 6 has no tokens
+        assert torch.allclose(per_sentence_codes(idx, val, owner, 7, 20, how), want.clamp_min(0), atol=1e-6), how
