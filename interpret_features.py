@@ -32,7 +32,7 @@ from common.claude import DEFAULT_MODEL, ClaudeClient, require_api_key
 from common.data import DataSpec, batch_sequences, iter_documents, iter_sequences, keep_mask
 from common.hooks import collect
 from common.models import load_model
-from common.nfm import NFM
+from common.nfm import load_nfm_checkpoint
 from common.sae import load_sae_checkpoint, load_secondary_checkpoint
 
 SYSTEM = ("You interpret features of a sparse autoencoder trained on a language model's activations. "
@@ -109,9 +109,7 @@ def main(argv=None, http_client=None):
     if spec is None:
         raise cli.UserError(f"--sae {args.sae} was trained on an activation file; interpretation needs its LM and text")
     if args.kind == "secondary":
-        t, nfm_cfg = checkpoint.load(args.nfm, "nfm", "--nfm")
-        checkpoint.check_parent(nfm_cfg, "sae", sae_cfg, "--nfm", "--sae")
-        nfm = NFM.from_tensors(t, nfm_cfg["hparams"])
+        nfm, nfm_cfg = load_nfm_checkpoint(args.nfm, sae_cfg)
         sec, unorm, sec_cfg = load_secondary_checkpoint(args.secondary)
         checkpoint.check_parent(sec_cfg, "nfm", nfm_cfg, "--secondary", "--nfm")
         n_feat = sec.cfg.n_latents

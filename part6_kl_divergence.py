@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common import checkpoint, cli, plots
+from common import cli, plots
 from common.data import DataSpec, batch_sequences, cached_activations, iter_documents, iter_sequences, keep_mask, model_fingerprint
 from common.hooks import splice
 from common.joint import load_joint_checkpoint
 from common.models import load_model, resolve_model_path
-from common.nfm import NFM
+from common.nfm import load_nfm_checkpoint
 from common.sae import load_sae_checkpoint
 from common.stats import paired_difference, ratio_of_sums_ci
 
@@ -132,9 +132,7 @@ def main(argv=None):
                             f"an LM (--model), to splice it back in")
     nfm = None
     if args.nfm and Path(args.nfm).exists():
-        t, nfm_cfg = checkpoint.load(args.nfm, "nfm", "--nfm")
-        checkpoint.check_parent(nfm_cfg, "sae", sae_cfg, "--nfm", "--sae")
-        nfm = NFM.from_tensors(t, nfm_cfg["hparams"])
+        nfm, nfm_cfg = load_nfm_checkpoint(args.nfm, sae_cfg)
     joint = joint_norm = base = base_norm = None
     if args.joint and Path(args.joint).exists():
         joint, joint_norm, joint_cfg = load_joint_checkpoint(args.joint)
@@ -155,7 +153,7 @@ def main(argv=None):
             m.to(device).eval()
     for n_ in (norm, joint_norm, base_norm):
         if n_ is not None:
-            n_.shift, n_.scale = n_.shift.to(device), n_.scale.to(device)
+            n_.to(device)
     x_train, _ = cached_activations(spec, "train", sae_cfg["data"]["train_tokens"], args.lm_batch_size, args.cache_dir,
                                     args.dtype, args.device, {"model": model, "tokenizer": tok})
     x_train = x_train[:args.cov_tokens].float().to(device)

@@ -37,7 +37,7 @@ import torch
 from common import checkpoint, cli, plots
 from common.data import DataSpec, collect_sentences, per_sentence, per_sentence_codes
 from common.models import load_model
-from common.nfm import NFM
+from common.nfm import load_nfm_checkpoint
 from common.sae import encode_all, load_sae_checkpoint, load_secondary_checkpoint
 from common.stats import benjamini_hochberg, two_way_anova_many
 from common.stimuli import length_warnings, load_stimuli
@@ -151,9 +151,7 @@ def main(argv=None, http_client=None):
         raise cli.UserError(f"--sae {args.sae} was trained on an activation file; part8 needs the LM it was trained on")
     nfm = sec = unorm = None
     if args.nfm and Path(args.nfm).exists():
-        t, nfm_cfg = checkpoint.load(args.nfm, "nfm", "--nfm")
-        checkpoint.check_parent(nfm_cfg, "sae", sae_cfg, "--nfm", "--sae")
-        nfm = NFM.from_tensors(t, nfm_cfg["hparams"])
+        nfm, nfm_cfg = load_nfm_checkpoint(args.nfm, sae_cfg)
         if args.secondary and Path(args.secondary).exists():
             sec, unorm, sec_cfg = load_secondary_checkpoint(args.secondary)
             checkpoint.check_parent(sec_cfg, "nfm", nfm_cfg, "--secondary", "--nfm")

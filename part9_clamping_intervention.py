@@ -40,7 +40,7 @@ from common.data import DataSpec, keep_mask
 from common.hooks import splice
 from common.joint import load_joint_checkpoint
 from common.models import load_model
-from common.nfm import NFM
+from common.nfm import load_nfm_checkpoint
 from common.sae import load_sae_checkpoint, load_secondary_checkpoint
 from common.stats import two_way_anova
 from common.stimuli import bucket_token_ids, load_stimuli, load_word_buckets
@@ -177,9 +177,8 @@ def main(argv=None):
     else:
         sae, norm, sae_cfg = load_sae_checkpoint(args.sae)
         spec = DataSpec.from_description(sae_cfg["data"])
-        t, parent_cfg = checkpoint.load(args.nfm, "nfm", "--nfm")
-        checkpoint.check_parent(parent_cfg, "sae", sae_cfg, "--nfm", "--sae")
-        nfm, parent_role, parent_flag = NFM.from_tensors(t, parent_cfg["hparams"]), "nfm", "--nfm"
+        nfm, parent_cfg = load_nfm_checkpoint(args.nfm, sae_cfg)
+        parent_role, parent_flag = "nfm", "--nfm"
     if spec is None:
         raise cli.UserError("the models were trained on an activation file; part9 needs the LM they were trained on")
     sec = unorm = None
@@ -212,7 +211,7 @@ def main(argv=None):
             m.to(device).eval()
     for n_ in (norm, unorm):
         if n_ is not None:
-            n_.shift, n_.scale = n_.shift.to(device), n_.scale.to(device)
+            n_.to(device)
     ids_by_cell, token_report = bucket_token_ids(buckets, tok, args.multi_token)
     stim = load_stimuli(args.prompts)
     per_cell = max(1, args.n_prompts // 4)

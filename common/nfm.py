@@ -134,6 +134,16 @@ class NFM(nn.Module):
         return m.eval()
 
 
+def load_nfm_checkpoint(path, sae_cfg: dict | None = None, flag: str = "--nfm", sae_flag: str = "--sae"):
+    """(NFM, config) from a part2 folder; with sae_cfg, refuses an NFM trained on another SAE."""
+    from .checkpoint import check_parent, load
+
+    tensors, cfg = load(path, "nfm", flag)
+    if sae_cfg is not None:
+        check_parent(cfg, "sae", sae_cfg, flag, sae_flag)
+    return NFM.from_tensors(tensors, cfg["hparams"]), cfg
+
+
 def predict(nfm: NFM, idx: torch.Tensor, val: torch.Tensor, paths=PATHS, batch: int = 8192) -> torch.Tensor:
     """NFM output (chosen paths) for many rows, in eval mode; CPU in, CPU out."""
     nfm.eval()

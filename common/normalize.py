@@ -53,6 +53,10 @@ class Normalizer:
     def decode(self, x_norm: torch.Tensor) -> torch.Tensor:
         return x_norm * self.scale.to(x_norm.device) + self.shift.to(x_norm.device)
 
+    def to(self, device) -> "Normalizer":
+        self.shift, self.scale = self.shift.to(device), self.scale.to(device)
+        return self
+
     def tensors(self, prefix: str = "norm.") -> dict[str, torch.Tensor]:
         return {prefix + "shift": self.shift, prefix + "scale": self.scale}
 
