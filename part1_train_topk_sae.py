@@ -23,7 +23,7 @@ from common import checkpoint, cli, plots
 from common.data import DataSpec, get_activations
 from common.metrics import recon_stats
 from common.normalize import MODES, Normalizer
-from common.sae import SAEConfig, TopKSAE, default_dead_tokens, default_lr, train_sae
+from common.sae import DEFAULT_OPTIMIZER, OPTIMIZERS, SAEConfig, TopKSAE, default_dead_tokens, default_lr, train_sae
 from common.train import split_selection_test
 
 
@@ -41,7 +41,11 @@ def build_parser():
     g.add_argument("--dead-tokens", type=int, default=None,
                    help="a latent that has not fired for this many training tokens counts as dead for AuxK "
                         "(default: min(10M, a tenth of all training tokens seen))")
-    cli.add_training_args(p, None, "2e-4 / sqrt(n_latents / 2^14), the sparsify / dictionary_learning scaling")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
+                   help="signsgd-sf: schedule-free SignSGD, sparsify's default (common/optim.py); adam: Adam with "
+                        "warm-up and linear decay (default: %(default)s)")
+    cli.add_training_args(p, None, "5e-3 / sqrt(n_latents / 2^14) for signsgd-sf, 2e-4 / sqrt(n_latents / 2^14) "
+                                   "for adam: the sparsify / dictionary_learning scalings")
     return p
 
 
@@ -63,11 +67,11 @@ def main(argv=None):
     cfg = SAEConfig(d=d, n_latents=args.n_latents, k=args.k, auxk_alpha=args.auxk_alpha, dead_tokens=dead_tokens)
     sae = TopKSAE(cfg).to(cli.env_device(args.device))
     init_sq_norm = sae.W_dec.detach().pow(2).sum(1).cpu()   # kept so part7 can tell trained norms from init values
-    lr = args.lr or default_lr(args.n_latents)
+    lr = args.lr or default_lr(args.n_latents, args.optimizer)
     print(f"TopK SAE d={d} n_latents={cfg.n_latents} k={cfg.k}: {steps} steps of {args.batch_size} tokens "
-          f"({x_train.shape[0]} training tokens), lr {lr:.2e}")
+          f"({x_train.shape[0]} training tokens), {args.optimizer} lr {lr:.2e}")
     fitres = train_sae(sae, x_train, x_sel, steps, args.batch_size, lr,
-                       cli.eval_every(args, steps), args.seed, "train SAE")
+                       cli.eval_every(args, steps), args.seed, "train SAE", optimizer=args.optimizer)
 
     test = recon_stats(sae, x_test, norm=norm, with_density=True)
     firing = test.pop("firing_rate")
@@ -80,7 +84,7 @@ def main(argv=None):
                        "choosing the best step; FVU = sum||x-x_hat||^2 / sum||x-mean(x)||^2 over all tokens; "
                        "mse/fvu/cosine in normalised units, *_raw in the LM's units; dead_fraction = latents that "
                        "never fire on these tokens",
-        "train": {"steps": steps, "best_step": fitres.best_step, "lr": lr, "batch_size": args.batch_size,
+        "train": {"steps": steps, "best_step": fitres.best_step, "optimizer": args.optimizer, "lr": lr, "batch_size": args.batch_size,
                   "train_tokens": x_train.shape[0], "dead_fraction_at_end_of_training":
                       float((sae.since_fired >= dead_tokens).float().mean()), "seconds": time.time() - t0},
         "data": acts.description,

@@ -44,7 +44,7 @@ def build_parser():
     g.add_argument("--nfm-dim", type=int, default=64, help="embedding dimension of the factorization (default: 64)")
     g.add_argument("--nfm-hidden", type=int, default=None, help="interaction MLP hidden width (default: --nfm-dim)")
     g.add_argument("--dropout", type=float, default=0.15, help="dropout on the bi-interaction vector (default: 0.15)")
-    cli.add_training_args(p, 1e-3, "1e-3 for the NFM; the residual SAE control uses 2e-4 / sqrt(n_latents / 2^14)")
+    cli.add_training_args(p, 1e-3, "1e-3 for the NFM; the residual SAE control uses part1's default recipe")
     b = p.add_argument_group("control")
     b.add_argument("--baseline", choices=["residual_sae", "none"], default="residual_sae",
                    help="also train a secondary TopK SAE on the residual with >= the NFM's parameter count "

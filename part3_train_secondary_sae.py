@@ -33,7 +33,7 @@ from common.metrics import recon_stats, residual_reduction
 from common.joint import load_joint_checkpoint
 from common.nfm import NFM, hidden_all
 from common.normalize import MODES, Normalizer
-from common.sae import (SAEConfig, TopKSAE, codes_and_residuals, default_dead_tokens, default_lr,
+from common.sae import (DEFAULT_OPTIMIZER, OPTIMIZERS, SAEConfig, TopKSAE, codes_and_residuals, default_dead_tokens, default_lr,
                         load_sae_checkpoint, reconstruct_all, train_sae)
 from common.train import batched, module_device, split_selection_test
 
@@ -53,7 +53,9 @@ def build_parser():
     g.add_argument("--n-latents", type=int, default=None, help="dictionary size (default: expansion x NFM hidden width)")
     g.add_argument("--k", type=int, default=16, help="active latents per token (default: 16)")
     g.add_argument("--normalize", choices=MODES, default="scalar", help="normalisation of u (default: scalar)")
-    cli.add_training_args(p, None, "2e-4 / sqrt(n_latents / 2^14)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
+                   help="the SAE optimizer, as in part1 (default: %(default)s)")
+    cli.add_training_args(p, None, "5e-3 / sqrt(n_latents / 2^14) for signsgd-sf, 2e-4 / sqrt(n_latents / 2^14) for adam")
     return p
 
 
@@ -104,11 +106,11 @@ def main(argv=None):
     cfg = SAEConfig(d=hidden, n_latents=args.n_latents or args.expansion * hidden, k=args.k,
                     dead_tokens=default_dead_tokens(steps, args.batch_size))
     sec = TopKSAE(cfg).to(device)
-    lr = args.lr or default_lr(cfg.n_latents)
+    lr = args.lr or default_lr(cfg.n_latents, args.optimizer)
     print(f"secondary TopK SAE on the NFM hidden layer (post-MLP1, pre-ReLU, width {hidden}): "
           f"n_latents={cfg.n_latents} k={cfg.k}, {steps} steps")
     fitres = train_sae(sec, unorm.encode(u_train), u_sel, steps, args.batch_size, lr,
-                       cli.eval_every(args, steps), args.seed, "train secondary SAE")
+                       cli.eval_every(args, steps), args.seed, "train secondary SAE", optimizer=args.optimizer)
 
     test = recon_stats(sec, u_test, norm=unorm, with_density=True)
     firing = test.pop("firing_rate")
@@ -129,7 +131,7 @@ def main(argv=None):
         "definitions": "held-out documents not used for training or model selection; FVU/L0/dead of the secondary "
                        "SAE on u (normalised units; *_raw in u's own units); NFM residual reduction = "
                        "1 - sum||r - r_hat||^2 / sum||r||^2 with u intact vs replaced by the secondary SAE's reconstruction",
-        "train": {"steps": steps, "best_step": fitres.best_step, "lr": lr, "batch_size": args.batch_size,
+        "train": {"steps": steps, "best_step": fitres.best_step, "optimizer": args.optimizer, "lr": lr, "batch_size": args.batch_size,
                   "train_tokens": int(u_train.shape[0]), "seconds": time.time() - t0},
         "history": fitres.history,
     }

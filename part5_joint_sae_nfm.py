@@ -46,7 +46,7 @@ def build_parser():
     g.add_argument("--dropout", type=float, default=0.15, help="dropout on the bi-interaction vector (default: 0.15)")
     g.add_argument("--normalize", choices=MODES, default="scalar", help="activation normalisation (default: scalar)")
     g.add_argument("--auxk-alpha", type=float, default=1 / 32, help="AuxK coefficient (default: 1/32)")
-    cli.add_training_args(p, None, "2e-4 / sqrt(n_latents / 2^14), for the joint model and the baseline alike")
+    cli.add_training_args(p, None, "2e-4 / sqrt(n_latents / 2^14), Adam for the joint model and the baseline alike")
     b = p.add_argument_group("comparisons")
     b.add_argument("--baseline-sae", default=None, metavar="DIR",
                    help="a trained standalone SAE to compare against instead of training the parameter-matched one")
@@ -81,7 +81,7 @@ def main(argv=None):
                         dropout=args.dropout)
     model = JointModel(sae_cfg, nfm_cfg).to(device)
     params = model.param_counts()
-    lr = args.lr or default_lr(args.n_latents)
+    lr = args.lr or default_lr(args.n_latents, "adam")
     print(f"joint SAE+NFM d={d} n_latents={args.n_latents} k={args.k} nfm_dim={args.nfm_dim}: "
           f"{params['total']:,} parameters, {steps} steps of {args.batch_size} tokens, lr {lr:.2e}")
     model.sae.init_b_dec(x_train[:args.batch_size].to(device).float())
@@ -123,8 +123,9 @@ def main(argv=None):
         base_norm = norm
         print(f"standalone TopK SAE with the joint model's parameter budget: n_latents={n_b}")
         base_init_sq = base.W_dec.detach().pow(2).sum(1).cpu()
-        bres = train_sae(base, x_train, x_sel, steps, args.batch_size, args.lr or default_lr(n_b),
-                         cli.eval_every(args, steps), args.seed, "train parameter-matched SAE")
+        # the same optimizer (Adam) and schedule as the joint model, so the comparison is about the model
+        bres = train_sae(base, x_train, x_sel, steps, args.batch_size, args.lr or default_lr(n_b, "adam"),
+                         cli.eval_every(args, steps), args.seed, "train parameter-matched SAE", optimizer="adam")
         base_path = str(out / "baseline_sae")
         checkpoint.save(out / "baseline_sae", "sae", {**base.tensors(), **norm.tensors(), "init.sq_norm": base_init_sq}, {
             "hparams": base.hparams(), "normalize": args.normalize, "data": acts.description, "seed": args.seed,

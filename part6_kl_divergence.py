@@ -154,8 +154,10 @@ def main(argv=None):
     for n_ in (norm, joint_norm, base_norm):
         if n_ is not None:
             n_.to(device)
+    # the SAE's own training activations (same tokens, same stored precision) for the covariance baseline
     x_train, _ = cached_activations(spec, "train", sae_cfg["data"]["train_tokens"], args.lm_batch_size, args.cache_dir,
-                                    args.dtype, args.device, {"model": model, "tokenizer": tok})
+                                    args.dtype, args.device, {"model": model, "tokenizer": tok},
+                                    cache_dtype=sae_cfg["data"].get("activation_dtype", "bfloat16"))
     x_train = x_train[:args.cov_tokens].float().to(device)
     mean_act = x_train.mean(0)
     chol = covariance_factors(sp, x_train, mean_act)

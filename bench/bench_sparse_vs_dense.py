@@ -3,8 +3,10 @@ TopK SAE and of the NFM, measured side by side in one run (A and B alternated, m
 
     .venv/bin/python bench/bench_sparse_vs_dense.py                 # small scale, about a minute on 2 cores
     .venv/bin/python bench/bench_sparse_vs_dense.py --scale paper   # NFM at n=50k, k=250, dim=300, d=3200
+    .venv/bin/python bench/bench_sparse_vs_dense.py --scale paper --k 1024   # the joint model's K
 
-Prints ms per step for each path and the ratio dense/sparse.
+Prints ms per step for each path (median, and min-max over all timed steps) and the ratio of medians.
+Indices are uniform random (each row k distinct features), values uniform in [0, 1).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def alternate(a, b, rounds: int, repeats: int):
     for _ in range(rounds):
         ta += time_steps(a, repeats)
         tb += time_steps(b, repeats)
-    return statistics.median(ta), statistics.median(tb)
+    return ta, tb
 
 
 def sae_steps(s):
@@ -96,14 +98,18 @@ def main():
     p.add_argument("--scale", choices=sorted(SCALES), default="small", help="problem size (default: small)")
     p.add_argument("--rounds", type=int, default=3, help="A/B alternations (default: 3)")
     p.add_argument("--repeats", type=int, default=3, help="steps timed per turn (default: 3)")
+    p.add_argument("--k", type=int, default=None, help="active features per row (default: the scale's)")
     a = p.parse_args()
-    s = SCALES[a.scale]
+    s = dict(SCALES[a.scale], **({"k": a.k} if a.k else {}))
     print(f"scale {a.scale}: {s}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     benches = [("NFM step", nfm_steps)] + ([("TopK SAE step", sae_steps)] if a.scale == "small" else [])
     for name, make in benches:
         sparse, dense = make(s)
-        ms_sparse, ms_dense = alternate(sparse, dense, a.rounds, a.repeats)
-        print(f"{name:14s} sparse {ms_sparse:8.1f} ms   dense {ms_dense:8.1f} ms   dense/sparse {ms_dense / ms_sparse:5.2f}x")
+        t_sparse, t_dense = alternate(sparse, dense, a.rounds, a.repeats)
+        ms_sparse, ms_dense = statistics.median(t_sparse), statistics.median(t_dense)
+        print(f"{name:14s} sparse {ms_sparse:8.1f} ms ({min(t_sparse):.1f}-{max(t_sparse):.1f})   "
+              f"dense {ms_dense:8.1f} ms ({min(t_dense):.1f}-{max(t_dense):.1f})   "
+              f"dense/sparse {ms_dense / ms_sparse:5.2f}x")
 
 
 if __name__ == "__main__":

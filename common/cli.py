@@ -107,8 +107,15 @@ def add_data_args(p: argparse.ArgumentParser, with_model_source: bool = True) ->
                        help="keep BOS positions in the data (default: excluded; their activations are outliers)")
     g.add_argument("--lm-batch-size", type=int, default=32, help="sequences per LM forward pass (default: 32)")
     g.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent.parent / "checkpoints" / "activation_cache"),
-                   help="where collected activations are cached as safetensors, keyed by model/layer/data "
+                   help="where collected activations are cached as safetensors shards, keyed by model/layer/data "
                         "settings; '' disables the cache (default: checkpoints/activation_cache)")
+    g.add_argument("--cache-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="dtype collected activations are stored in, on disk and in memory (cache on or off): "
+                        "bfloat16 has float32's range, so the massive activations of LLM residual streams fit; "
+                        "float16 is more precise but stops at 65504 (an overflow is an error) (default: bfloat16)")
+    g.add_argument("--cache-shard-tokens", type=int, default=262_144,
+                   help="rows per activation-cache shard; the cache is written shard by shard, so an interrupted "
+                        "collection resumes from the last shard (default: 262144)")
     g.add_argument("--activations", default=None, metavar="FILE",
                    help="train on a safetensors file holding one [n, d] tensor named 'activations' "
                         "(float16/bfloat16/float32) instead of running an LM; an optional int64 'doc_ids' [n] tensor "
@@ -129,7 +136,7 @@ def add_training_args(p: argparse.ArgumentParser, lr_default: float | None, lr_h
     t.add_argument("--batch-size", type=int, default=1024, help="tokens per step (default: 1024)")
     t.add_argument("--epochs", type=float, default=6.0, help="passes over the training tokens (default: 6)")
     t.add_argument("--steps", type=int, default=None, help="total steps; overrides --epochs")
-    t.add_argument("--lr", type=float, default=lr_default, help=f"Adam learning rate (default: {lr_help})")
+    t.add_argument("--lr", type=float, default=lr_default, help=f"learning rate (default: {lr_help})")
     t.add_argument("--eval-every", type=int, default=None,
                    help="steps between evaluations on the held-out selection half (default: steps/20)")
 

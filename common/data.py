@@ -13,11 +13,14 @@ Each document is tokenised without special tokens and cut into sequences [BOS] +
 BOS and pad positions are excluded from the data unless --keep-bos.
 
 Activation files: safetensors with one [n, d] tensor `activations` (float16 / bfloat16 / float32) and an
-optional int64 [n] `doc_ids`. Collected activations are cached in this format.
+optional int64 [n] `doc_ids`. Collected activations are cached in this format as resumable shards
+(`--cache-dtype`, default bfloat16; see "activation cache" below); `load_activation_file` also reads a cache
+entry's folder, so `--activations CACHE_DIR/acts-...-train` works.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import zlib
@@ -151,40 +154,62 @@ def keep_mask(tokenizer, attention_mask: torch.Tensor, keep_bos: bool) -> torch.
 
 # ---------------------------------------------------------------------------------------- collection
 
-@torch.no_grad()
-def collect_activations(model, tokenizer, spec: DataSpec, split: str, max_tokens: int, lm_batch_size: int,
-                        desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer-`spec.layer` activations of up to max_tokens kept positions: ([n, d], doc_ids [n])."""
+def _collected_batches(model, tokenizer, spec: DataSpec, split: str, max_tokens: int, lm_batch_size: int,
+                       skip_sequences: int = 0, rows_before: int = 0):
+    """Per LM batch: (acts [b, d] on the LM's device and dtype, doc_ids [b], sequences consumed so far).
+
+    The sequence stream is deterministic, so a collection resumed with `skip_sequences` (and the rows it
+    already holds, `rows_before`) continues exactly where the interrupted one stopped."""
     from .hooks import collect
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    store_dtype = torch.float32 if next(model.parameters()).dtype == torch.float32 else next(model.parameters()).dtype
-    chunks, doc_chunks, n = [], [], 0
     seqs = iter_sequences(tokenizer, iter_documents(spec.dataset, split, spec.val_fraction), spec.seq_len)
-    bar = tqdm(total=max_tokens, desc=desc or f"collect {split} layer {spec.layer}", unit="tok", leave=False)
-    done = False
-    while not done:
-        batch = []
-        for s in seqs:
-            batch.append(s)
-            if len(batch) == lm_batch_size:
-                break
+    seqs = itertools.islice(seqs, skip_sequences, None)
+    consumed, n = skip_sequences, rows_before
+    while n < max_tokens:
+        batch = list(itertools.islice(seqs, lm_batch_size))
         if not batch:
-            break
+            return
+        consumed += len(batch)
         ids, mask = batch_sequences([b[0] for b in batch], pad)
         h = collect(model, spec.layer, ids.to(device), mask.to(device))  # [batch, pos, d_model]
         keep = keep_mask(tokenizer, mask, spec.keep_bos).to(device)
         docs = torch.tensor([b[1] for b in batch], device=device)[:, None].expand_as(keep)
         acts, dids = h[keep], docs[keep]
-        if n + acts.shape[0] >= max_tokens:
-            acts, dids, done = acts[:max_tokens - n], dids[:max_tokens - n], True
-        chunks.append(acts.to("cpu", store_dtype))
-        doc_chunks.append(dids.cpu())
+        if n + acts.shape[0] > max_tokens:
+            acts, dids = acts[:max_tokens - n], dids[:max_tokens - n]
         n += acts.shape[0]
+        yield acts, dids, consumed
+
+
+def _to_store(acts: torch.Tensor, dtype: torch.dtype, layer: int) -> torch.Tensor:
+    """acts on the CPU in the storage dtype; a value the dtype cannot hold is a one-line UserError."""
+    out = acts.to("cpu", dtype)
+    if not torch.isfinite(out).all():
+        if not torch.isfinite(acts).all():
+            raise UserError(f"layer {layer} activations contain NaN or inf: the LM overflowed in its --dtype; "
+                            f"run it in bfloat16 or float32")
+        big = float(acts.abs().max())
+        raise UserError(f"layer {layer} activations reach |x| = {big:.4g}, beyond the float16 range (65504); "
+                        f"use --cache-dtype bfloat16 (the default, same range as float32)")
+    return out
+
+
+@torch.no_grad()
+def collect_activations(model, tokenizer, spec: DataSpec, split: str, max_tokens: int, lm_batch_size: int,
+                        desc: str = "", store_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer-`spec.layer` activations of up to max_tokens kept positions: ([n, d], doc_ids [n]), in store_dtype
+    (default: the LM's dtype)."""
+    store_dtype = store_dtype or next(model.parameters()).dtype
+    chunks, doc_chunks = [], []
+    bar = tqdm(total=max_tokens, desc=desc or f"collect {split} layer {spec.layer}", unit="tok", leave=False)
+    for acts, dids, _ in _collected_batches(model, tokenizer, spec, split, max_tokens, lm_batch_size):
+        chunks.append(_to_store(acts, store_dtype, spec.layer))
+        doc_chunks.append(dids.cpu())
         bar.update(acts.shape[0])
     bar.close()
-    if n == 0:
+    if not chunks:
         raise UserError(f"--dataset {spec.dataset}: the {split} split gave no tokens; use a larger text source")
     return torch.cat(chunks), torch.cat(doc_chunks)
 
@@ -199,26 +224,166 @@ def model_fingerprint(path: str) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
+# ------------------------------------------------------------------------------------ activation cache
+#
+# One cache entry = one folder  CACHE_DIR/acts-<sha256(key)[:20]>-<split>/  holding
+#     shard-00000.safetensors, shard-00001.safetensors, ...   'activations' [rows, d] (--cache-dtype) and
+#                                                              'doc_ids' int64 [rows], in collection order
+#     manifest.json   {"format", "key", "dtype", "d", "lm_batch_size", "rows", "sequences", "complete",
+#                      "shards": [{"file", "rows", "sequences"}]}   ("sequences": LM sequences consumed so far)
+# The key is the model fingerprint, the DataSpec, the split, the token budget, the LM dtype and the cache
+# dtype. A shard is written (atomically) once at least --cache-shard-tokens rows are buffered, always at an
+# LM-batch boundary, and the manifest is rewritten (atomically) after it, so an interrupted collection leaves
+# a consistent prefix: the next run skips the sequences already consumed and continues. With the same
+# --lm-batch-size the result is identical to an uninterrupted collection. A manifest whose shards are missing
+# or unreadable is cut back to the readable prefix; an unreadable manifest starts the entry afresh.
+
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+CACHE_FORMAT = "activation-cache/1"
+MANIFEST = "manifest.json"
+DEFAULT_CACHE_DTYPE = "bfloat16"
+DEFAULT_CACHE_SHARD_TOKENS = 262_144
+
+
+def cache_entry(cache_dir: str | Path, key: str, split: str) -> Path:
+    return Path(cache_dir) / f"acts-{hashlib.sha256(key.encode()).hexdigest()[:20]}-{split}"
+
+
+def _read_manifest(folder: Path, key: str | None) -> dict | None:
+    """The entry's manifest (None if missing, unreadable or for another key), cut to the shards on disk."""
+    try:
+        man = json.loads((folder / MANIFEST).read_text())
+        if man.get("format") != CACHE_FORMAT or (key is not None and man.get("key") != key):
+            return None
+        if man["dtype"] not in CACHE_DTYPES:
+            return None
+        n_ok = 0
+        for sh in man["shards"]:                            # keep the prefix of shards that are still there
+            if not ((folder / sh["file"]).is_file() and sh["rows"] > 0 and sh["sequences"] >= 0):
+                break
+            n_ok += 1
+        if n_ok < len(man["shards"]) or man["rows"] != sum(s["rows"] for s in man["shards"]):
+            man = _truncated(man, n_ok)
+        return man
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _truncated(man: dict, k: int) -> dict:
+    shards = man["shards"][:k]
+    return {**man, "shards": shards, "rows": sum(s["rows"] for s in shards),
+            "sequences": shards[-1]["sequences"] if shards else 0, "complete": False}
+
+
+def _write_manifest(folder: Path, man: dict) -> None:
+    from .checkpoint import atomic_write_bytes
+    atomic_write_bytes(folder / MANIFEST, (json.dumps(man, indent=1) + "\n").encode())
+
+
+def _load_entry(folder: Path, man: dict, in_memory: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor] | int:
+    """The entry's rows, concatenated in the stored dtype; or the index of the first unreadable shard."""
+    in_memory = in_memory or {}
+    dtype = CACHE_DTYPES[man["dtype"]]
+    acts = torch.empty(man["rows"], man["d"], dtype=dtype)
+    docs = torch.empty(man["rows"], dtype=torch.long)
+    r = 0
+    for i, sh in enumerate(man["shards"]):
+        if sh["file"] in in_memory:
+            a, d = in_memory.pop(sh["file"])
+        else:
+            try:
+                with safe_open(str(folder / sh["file"]), framework="pt") as f:
+                    a, d = f.get_tensor("activations"), f.get_tensor("doc_ids")
+            except (OSError, SafetensorError):
+                return i
+        if a.shape != (sh["rows"], man["d"]) or a.dtype != dtype or d.shape != (sh["rows"],):
+            return i
+        acts[r:r + sh["rows"]] = a
+        docs[r:r + sh["rows"]] = d
+        r += sh["rows"]
+    return acts, docs
+
+
+@torch.no_grad()
 def cached_activations(spec: DataSpec, split: str, max_tokens: int, lm_batch_size: int, cache_dir: str,
-                       dtype: str, device: str, lm: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Collect (or reuse from the cache) activations for one split. `lm` memoises the loaded model."""
+                       dtype: str, device: str, lm: dict, cache_dtype: str = DEFAULT_CACHE_DTYPE,
+                       shard_tokens: int = DEFAULT_CACHE_SHARD_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collect (or reuse / resume from the cache) activations for one split, in `cache_dtype` (also when the
+    cache is off, so cached and uncached runs see the same values). `lm` memoises the loaded model."""
     from .models import load_model, resolve_model_path
+
+    if cache_dtype not in CACHE_DTYPES:
+        raise UserError(f"unknown --cache-dtype {cache_dtype!r}; use {', '.join(CACHE_DTYPES)}")
+    if shard_tokens <= 0:
+        raise UserError(f"--cache-shard-tokens must be positive, got {shard_tokens}")
+    store = CACHE_DTYPES[cache_dtype]
+
+    def ensure_lm():
+        if "model" not in lm:
+            lm["model"], lm["tokenizer"], _ = load_model(spec.model, dtype, device)
+            from .hooks import block_for_layer
+            block_for_layer(lm["model"], spec.layer)  # range check before any work
+        return lm["model"], lm["tokenizer"]
+
+    if not cache_dir:
+        return collect_activations(*ensure_lm(), spec, split, max_tokens, lm_batch_size, store_dtype=store)
 
     path = resolve_model_path(spec.model)
     key = json.dumps({**asdict(spec), "model": model_fingerprint(path), "split": split, "n": max_tokens,
-                      "dtype": dtype}, sort_keys=True)
-    fname = Path(cache_dir) / f"acts-{hashlib.sha256(key.encode()).hexdigest()[:20]}-{split}.safetensors" if cache_dir else None
-    if fname is not None and fname.is_file():
-        acts, docs = load_activation_file(fname, "cache")
-        return acts, docs
-    if "model" not in lm:
-        lm["model"], lm["tokenizer"], _ = load_model(spec.model, dtype, device)
-        from .hooks import block_for_layer
-        block_for_layer(lm["model"], spec.layer)  # range check before any work
-    acts, docs = collect_activations(lm["model"], lm["tokenizer"], spec, split, max_tokens, lm_batch_size)
-    if fname is not None:
-        save_activation_file(fname, acts, docs, {"spec": key})
-    return acts, docs
+                      "dtype": dtype, "cache_dtype": cache_dtype}, sort_keys=True)
+    folder = cache_entry(cache_dir, key, split)
+    man = _read_manifest(folder, key)
+    if man is not None and man["complete"]:
+        got = _load_entry(folder, man)
+        if not isinstance(got, int):
+            return got
+        man = _truncated(man, got)                          # a damaged shard: collect again from there
+    if man is None:
+        man = {"format": CACHE_FORMAT, "key": key, "dtype": cache_dtype, "d": None, "lm_batch_size": lm_batch_size,
+               "rows": 0, "sequences": 0, "complete": False, "shards": []}
+    model, tok = ensure_lm()
+    man["lm_batch_size"] = lm_batch_size
+    fresh: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # shards written by this run, kept in memory
+    buf_a: list[torch.Tensor] = []
+    buf_d: list[torch.Tensor] = []
+
+    def flush(consumed: int) -> None:
+        a, d = torch.cat(buf_a), torch.cat(buf_d)
+        buf_a.clear(), buf_d.clear()
+        name = f"shard-{len(man['shards']):05d}.safetensors"
+        atomic_save_tensors(folder / name, {"activations": a, "doc_ids": d}, metadata={"key": key})
+        fresh[name] = (a, d)
+        man["shards"].append({"file": name, "rows": a.shape[0], "sequences": consumed})
+        man["rows"] += a.shape[0]
+        man["sequences"] = consumed
+        man["d"] = a.shape[1]
+        _write_manifest(folder, man)
+
+    bar = tqdm(total=max_tokens, initial=man["rows"], unit="tok", leave=False,
+               desc=f"collect {split} layer {spec.layer}" + (" (resumed)" if man["rows"] else ""))
+    buffered, consumed = 0, man["sequences"]
+    for acts, dids, consumed in _collected_batches(model, tok, spec, split, max_tokens, lm_batch_size,
+                                                   skip_sequences=man["sequences"], rows_before=man["rows"]):
+        buf_a.append(_to_store(acts, store, spec.layer))
+        buf_d.append(dids.cpu())
+        buffered += acts.shape[0]
+        bar.update(acts.shape[0])
+        if buffered >= shard_tokens:
+            flush(consumed)
+            buffered = 0
+    bar.close()
+    if buf_a:
+        flush(consumed)
+    if man["rows"] == 0:
+        raise UserError(f"--dataset {spec.dataset}: the {split} split gave no tokens; use a larger text source")
+    man["complete"] = True
+    _write_manifest(folder, man)
+    got = _load_entry(folder, man, fresh)
+    if isinstance(got, int):
+        raise UserError(f"activation cache {folder}: shard {man['shards'][got]['file']} became unreadable while "
+                        f"collecting; delete the folder and run again")
+    return got
 
 
 # ------------------------------------------------------------------------------------ activation files
@@ -233,8 +398,18 @@ def save_activation_file(path: Path, acts: torch.Tensor, doc_ids: torch.Tensor |
 
 def load_activation_file(path: str | Path, flag: str, width: int | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Read and validate an activation file; every problem is a one-line UserError."""
+    """Read and validate an activation file (or an activation-cache entry's folder); every problem is a
+    one-line UserError."""
     p = Path(path)
+    if p.is_dir() and (p / MANIFEST).is_file():             # an activation-cache entry
+        man = _read_manifest(p, None)
+        if man is None or not man["complete"]:
+            raise UserError(f"{flag} {p}: an incomplete or damaged activation-cache entry; rerun the stage that "
+                            f"collects it (it resumes) or pass a safetensors file")
+        got = _load_entry(p, man)
+        if isinstance(got, int):
+            raise UserError(f"{flag} {p}: cache shard {man['shards'][got]['file']} is unreadable; delete the folder")
+        return _validated(p, flag, width, *got)
     if not p.is_file():
         raise UserError(f"{flag} {p}: no such file")
     try:
@@ -247,6 +422,11 @@ def load_activation_file(path: str | Path, flag: str, width: int | None = None
             docs = f.get_tensor("doc_ids") if "doc_ids" in keys else None
     except SafetensorError as e:
         raise UserError(f"{flag} {p}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return _validated(p, flag, width, acts, docs)
+
+
+def _validated(p: Path, flag: str, width: int | None, acts: torch.Tensor, docs: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if acts.ndim != 2:
         raise UserError(f"{flag} {p}: 'activations' has shape {tuple(acts.shape)}; expected 2-D [n_tokens, d_model]")
     if acts.dtype not in ACT_DTYPES:
@@ -317,13 +497,14 @@ def get_activations(args, spec: DataSpec | None, width: int | None = None, lm: d
         raise UserError(f"the model {spec.model} has changed on disk since the parent checkpoint was trained; "
                         f"retrain from part1 (or restore that model)")
     common = dict(lm_batch_size=args.lm_batch_size, cache_dir=args.cache_dir, dtype=args.dtype,
-                  device=args.device, lm=lm)
+                  device=args.device, lm=lm, cache_dtype=getattr(args, "cache_dtype", DEFAULT_CACHE_DTYPE),
+                  shard_tokens=getattr(args, "cache_shard_tokens", DEFAULT_CACHE_SHARD_TOKENS))
     tr, trd = cached_activations(spec, "train", args.train_tokens or DEFAULT_TRAIN_TOKENS, **common)
     va, vad = cached_activations(spec, "validation", args.val_tokens or DEFAULT_VAL_TOKENS, **common)
     if width is not None and tr.shape[1] != width:
         raise UserError(f"layer {spec.layer} of {spec.model} has width {tr.shape[1]}, but the parent model expects {width}")
     desc = {"source": "model", **asdict(spec), "model_fingerprint": fingerprint, "split": "by document",
-            "train_tokens": tr.shape[0], "val_tokens": va.shape[0]}
+            "train_tokens": tr.shape[0], "val_tokens": va.shape[0], "activation_dtype": str(tr.dtype).removeprefix("torch.")}
     return Activations(tr, va, trd, vad, desc)
 
 

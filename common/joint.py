@@ -31,24 +31,31 @@ class JointModel(nn.Module):
         self.sae = TopKSAE(sae_cfg)
         self.nfm = NFM(nfm_cfg)
 
-    def paths(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Each path's output [batch, d] for normalised x [batch, d], and the code (idx, val)."""
+    def paths(self, x: torch.Tensor, aux: bool = False):
+        """Each path's output [batch, d] for normalised x [batch, d], and the code (idx, val)
+        (plus AuxK's dead-latent picks when aux=True, for training)."""
+        if aux:
+            idx, val, picks = self.sae.encode_with_aux(x)
+            return self.paths_from(idx, val), idx, val, picks
         idx, val = self.sae.encode(x)
+        return self.paths_from(idx, val), idx, val
+
+    def paths_from(self, idx: torch.Tensor, val: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"sae": self.sae.decode(idx, val), "linear": self.nfm.linear(idx, val),
-                "interaction": self.nfm.interaction(idx, val)}, idx, val
+                "interaction": self.nfm.interaction(idx, val)}
 
     def forward(self, x: torch.Tensor, paths=("sae", "linear", "interaction")) -> torch.Tensor:
         out, _, _ = self.paths(x)
         return sum(out[p] for p in paths)
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        out, idx, val = self.paths(x)
+        out, idx, val, picks = self.paths(x, aux=True)
         x_hat = out["sae"] + out["linear"] + out["interaction"]
         total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
         fvu = (x - x_hat).pow(2).sum() / total_var
-        aux = self.sae.auxk_loss(x, x_hat, total_var)
+        aux = self.sae.auxk_loss(picks, x, x_hat, total_var)
         self.sae.track_firing(idx, val, x.shape[0])
-        return fvu + self.sae.cfg.auxk_alpha * aux, {"fvu": fvu.item(), "auxk": aux.item()}
+        return fvu + self.sae.cfg.auxk_alpha * aux, {"fvu": fvu.detach(), "auxk": aux.detach()}
 
     def param_counts(self) -> dict:
         sae = sum(p.numel() for p in self.sae.parameters())

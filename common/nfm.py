@@ -7,20 +7,25 @@ Input: the SAE's sparse code f given as (idx [batch, k], val [batch, k]). Output
     hidden layer      u = W_1 dropout(p) + b_1       <- "post-MLP1", before the ReLU  # [batch, hidden]
     interaction path  q = W_2 relu(u) + b_2                                           # [batch, d]
     output            l + q
-Both sums of the pooling are `F.embedding_bag` over the k active features (never a dense
-[batch, n_features, dim] tensor); `forward_dense` is the textbook formula on a dense [batch, n_features]
-code, used by the equivalence tests. No BatchNorm (it would make a spliced model batch-dependent);
+Both pooling paths are sums over the k active features (`F.embedding_bag`; never a dense [batch, n_features]
+or [batch, n_features, dim] tensor), with custom backwards (see `_WeightedBag`, `_BiInteraction`): the
+table gradients are CSR products over the code's nonzeros, written into gradient buffers reused across
+steps. `forward_dense` is the textbook formula on a dense [batch, n_features] code, used by the
+equivalence tests and as the benchmark's reference. No BatchNorm (it would make a spliced model batch-dependent);
 dropout on the pooled vector is the regulariser, as in the original NFM.
 The secondary SAE (part3) reads `hidden(...)`, i.e. u: the interaction MLP's hidden layer before its ReLU,
 computed in eval mode (no dropout) from the SAE's top-k code of the normalised activation.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .cli import UserError
 from .train import batched, module_device
@@ -43,6 +48,167 @@ class NFMConfig:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
 
 
+# ---------------------------------------------------------------------------- sparse-path kernels
+class _TransposedCode:
+    """F^T: the code (idx, val) as a CSR matrix [n_features, batch] (nonzeros grouped by feature).
+
+    Every table gradient of the sparse path is F^T @ (something [batch, width]) (or (F^2)^T @ ...). As a
+    CSR product that costs O(batch k width) and is several times faster on CPU than index_add_ or
+    embedding_bag's own backward, which sorts the indices again for every table (common/sae.py
+    `_scatter_outer` measured the same). The sort is the fixed cost, so it is done once per code,
+    lazily (never in evaluation), and shared by both paths' backwards."""
+
+    def __init__(self, idx: torch.Tensor, val: torch.Tensor, n_features: int):
+        self.idx, self.val, self.n_features = idx, val.detach(), n_features
+        self._crow = self._rows = self._vals = None
+
+    def _build(self) -> None:
+        # int32 indices where they fit: the sort and the CSR product are ~1.7x faster than with int64; the
+        # sort keys in int16 where features fit (the radix sort's passes scale with the key width)
+        small = max(self.n_features, self.idx.numel()) < 2**31
+        flat = self.idx.reshape(-1).to(torch.int32 if small else torch.long)
+        keys = flat.to(torch.int16) if self.n_features <= 2**15 else flat
+        order = keys.argsort()                                          # [batch * k] nonzeros by feature
+        self._rows = order.to(flat.dtype) // self.idx.shape[1]          # their batch row: F^T's column
+        self._vals = self.val.reshape(-1)[order]                        # their value
+        self._crow = torch.zeros(self.n_features + 1, dtype=flat.dtype, device=flat.device)
+        self._crow[1:] = torch.bincount(flat, minlength=self.n_features).cumsum(0)
+
+    def csr(self, power: int = 1) -> torch.Tensor:
+        """F^T, or (F^2)^T (values squared) with power=2: CSR [n_features, batch]."""
+        if self._crow is None:
+            self._build()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            return torch.sparse_csr_tensor(self._crow, self._rows, self._vals if power == 1 else self._vals ** power,
+                                           (self.n_features, self.idx.shape[0]), check_invariants=False)
+
+
+def _bag_dots(grad: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """<grad[b], table[idx[b, j]]> for every nonzero: [batch, k].
+
+    The per_sample_weights gradient of F.embedding_bag(mode="sum"), by the ATen kernel its own backward
+    calls; it never builds the [batch, k, width] gathered rows (3 GB at the paper's d=3200, k=1024)."""
+    batch, k = idx.shape
+    flat = idx.reshape(-1)
+    offsets = torch.arange(0, batch * k, k, device=idx.device)
+    bag_of = torch.arange(batch, device=idx.device).repeat_interleave(k)  # offset2bag
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        grad.contiguous(), table, flat, offsets, bag_of, 0).view(batch, k)  # mode 0 = sum
+
+
+# Per-table work buffers ([n_features, width], one set per Parameter), kept while the NFM trains. A fresh
+# [n_features, width] tensor every step costs mostly page faults, not arithmetic: at the paper's
+# 50k x 3200 W_lin, writing the step's CSR product into a fresh 640 MB tensor took 200 ms, into a reused
+# one 50 ms (2-core CPU, torch 2.13). Released by NFM.train(False).
+_TABLE_BUFFERS = WeakIdKeyDictionary()
+
+
+def _reused(table: torch.Tensor, name: str) -> torch.Tensor:
+    """An uninitialised tensor like `table`, the same one at every call with the same (table, name)."""
+    bufs = _TABLE_BUFFERS.setdefault(table, {})
+    buf = bufs.get(name)
+    if buf is None or buf.shape != table.shape or buf.dtype != table.dtype or buf.device != table.device:
+        buf = bufs[name] = torch.empty_like(table, memory_format=torch.contiguous_format)
+    return buf
+
+
+def _engine_accumulates_into(table: torch.Tensor) -> bool:
+    """Whether the running backward is a plain .backward() that accumulates into table.grad, rather
+    than autograd.grad() or .backward(inputs=...), which return or select gradients instead (and for
+    which the engine refuses to answer about a leaf)."""
+    try:
+        return torch._C._will_engine_execute_node(get_gradient_edge(table).node)
+    except RuntimeError:
+        return False
+
+
+def _table_grad_out(table: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor for the backward to overwrite with table's gradient; see `_return_grad`.
+
+    When nothing has written table.grad yet this step (None, e.g. after zero_grad(set_to_none=True)) and
+    no hook observes the table's gradient, the reused buffer is installed as table.grad right away: the
+    backward writes the gradient where AccumulateGrad would have put it and returns None. Otherwise
+    (non-leaf table, hooks, create_graph, a gradient already accumulated) it is a fresh tensor that
+    autograd accumulates as usual. Consequence: table.grad is the same tensor every step, overwritten by
+    the next backward, as with zero_grad(set_to_none=False); copy it if you keep it."""
+    reusable = (table.is_leaf and table.grad is None and not torch.is_grad_enabled()
+                and not table._backward_hooks and not getattr(table, "_post_accumulate_grad_hooks", None)
+                and _engine_accumulates_into(table))
+    if not reusable:
+        return torch.empty_like(table, memory_format=torch.contiguous_format)
+    table.grad = _reused(table, "grad")
+    return table.grad
+
+
+def _return_grad(table: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+    """What backward returns for table: None when `grad` already is table.grad (written in place)."""
+    return None if grad is table.grad else grad
+
+
+class _WeightedBag(torch.autograd.Function):
+    """out[b] = sum_j val[b, j] * table[idx[b, j]] (F @ table), i.e. F.embedding_bag(mode="sum").
+
+    Backward: grad_table = F^T @ grad_out as a CSR product into the reused gradient buffer, and the
+    gradient of val (the joint model trains the encoder through it) only when val requires it."""
+
+    @staticmethod
+    def forward(ctx, idx, val, table, code_t: _TransposedCode):
+        ctx.save_for_backward(idx, val, table)
+        ctx.code_t = code_t
+        # detached: embedding_bag then takes its forward-only kernel (no bookkeeping for its own backward)
+        return F.embedding_bag(idx, table.detach(), per_sample_weights=val.detach(), mode="sum")  # [batch, width]
+
+    @staticmethod
+    def backward(ctx, grad_out):                                                       # [batch, width]
+        idx, val, table = ctx.saved_tensors
+        grad_val = grad_table = None
+        if ctx.needs_input_grad[1]:
+            grad_val = _bag_dots(grad_out, table, idx)                                 # [batch, k]
+        if ctx.needs_input_grad[2]:
+            # beta=0: the CSR product overwrites every row (zeros where no feature fired): no memset pass
+            grad_table = _table_grad_out(table)                                        # [n_features, width]
+            grad_table.addmm_(ctx.code_t.csr(), grad_out, beta=0)
+            grad_table = _return_grad(table, grad_table)
+        return None, grad_val, grad_table, None
+
+
+class _BiInteraction(torch.autograd.Function):
+    """p = 1/2 (s * s - t) with s = F @ V and t = F^2 @ V^2 (squares elementwise): the bi-interaction
+    pooling, [batch, dim]. Autograd through two embedding_bags would also build V * V's gradient, a
+    second dense [n_features, dim] table every step; the closed-form backward needs neither:
+        dL/dV         = F^T @ (g * s)  -  V * ((F^2)^T @ g)        g = dL/dp [batch, dim]
+        dL/dval[b, j] = <g_b * s_b, v_i>  -  val[b, j] <g_b, v_i^2>  with i = idx[b, j]."""
+
+    @staticmethod
+    def forward(ctx, idx, val, V, code_t: _TransposedCode, training: bool):
+        Vd, vd = V.detach(), val.detach()                         # detached: embedding_bag's forward-only kernel
+        # V^2 [n_features, dim] into a reused buffer when training (a fresh one each step is page faults)
+        V2 = torch.mul(Vd, Vd, out=_reused(V, "square")) if training else Vd * Vd
+        s = F.embedding_bag(idx, Vd, per_sample_weights=vd, mode="sum")               # [batch, dim]
+        t = F.embedding_bag(idx, V2, per_sample_weights=vd * vd, mode="sum")          # [batch, dim]
+        ctx.save_for_backward(idx, val, V, s)
+        ctx.code_t = code_t
+        return 0.5 * (s * s - t)
+
+    @staticmethod
+    def backward(ctx, g):                                                              # [batch, dim]
+        idx, val, V, s = ctx.saved_tensors
+        gs = g * s                                                                     # [batch, dim]
+        grad_val = grad_V = None
+        if ctx.needs_input_grad[1]:
+            # V^2 recomputed: the forward's buffer may hold a later forward's by now
+            grad_val = _bag_dots(gs, V, idx) - val * _bag_dots(g, V * V, idx)          # [batch, k]
+        if ctx.needs_input_grad[2]:
+            # overwritten with -(F^2)^T g (beta=0), scaled by V in place (no second [n_features, dim]
+            # temporary), then + F^T (g s)
+            grad_V = _table_grad_out(V)                                                # [n_features, dim]
+            grad_V.addmm_(ctx.code_t.csr(power=2), g, beta=0, alpha=-1).mul_(V)
+            grad_V.addmm_(ctx.code_t.csr(), gs)
+            grad_V = _return_grad(V, grad_V)
+        return None, grad_val, grad_V, None, None
+
+
 class NFM(nn.Module):
     def __init__(self, cfg: NFMConfig):
         super().__init__()
@@ -58,31 +224,45 @@ class NFM(nn.Module):
         self.mlp2 = nn.Linear(cfg.hidden, cfg.d)
 
     # ------------------------------------------------------------------ sparse path
-    def linear(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-        return F.embedding_bag(idx, self.W_lin, per_sample_weights=val, mode="sum") + self.b_lin
+    # `code_t` lets forward() share one sort of the code between both paths' backwards; callers of a
+    # single path leave it out. It must be built from the same (idx, val).
+    def _code_t(self, idx, val, code_t: _TransposedCode | None) -> _TransposedCode:
+        return code_t if code_t is not None else _TransposedCode(idx, val, self.cfg.n_features)
 
-    def bi_interaction(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-        s = F.embedding_bag(idx, self.V, per_sample_weights=val, mode="sum")                   # sum f_i v_i
-        t = F.embedding_bag(idx, self.V * self.V, per_sample_weights=val * val, mode="sum")    # sum (f_i v_i)^2
-        return 0.5 * (s * s - t)
+    def linear(self, idx: torch.Tensor, val: torch.Tensor, code_t: _TransposedCode | None = None) -> torch.Tensor:
+        return _WeightedBag.apply(idx, val, self.W_lin, self._code_t(idx, val, code_t)) + self.b_lin  # [batch, d]
 
-    def hidden(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    def bi_interaction(self, idx: torch.Tensor, val: torch.Tensor,
+                       code_t: _TransposedCode | None = None) -> torch.Tensor:
+        training = torch.is_grad_enabled() and self.V.requires_grad
+        return _BiInteraction.apply(idx, val, self.V, self._code_t(idx, val, code_t), training)  # [batch, dim]
+
+    def hidden(self, idx: torch.Tensor, val: torch.Tensor, code_t: _TransposedCode | None = None) -> torch.Tensor:
         """u: the interaction MLP's hidden layer before ReLU (the secondary SAE's input)."""
-        return self.mlp1(self.drop(self.bi_interaction(idx, val)))
+        return self.mlp1(self.drop(self.bi_interaction(idx, val, code_t)))
 
     def interaction_from_hidden(self, u: torch.Tensor) -> torch.Tensor:
         return self.mlp2(F.relu(u))
 
-    def interaction(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-        return self.interaction_from_hidden(self.hidden(idx, val))
+    def interaction(self, idx: torch.Tensor, val: torch.Tensor,
+                    code_t: _TransposedCode | None = None) -> torch.Tensor:
+        return self.interaction_from_hidden(self.hidden(idx, val, code_t))
 
     def forward(self, idx: torch.Tensor, val: torch.Tensor, paths=PATHS) -> torch.Tensor:
+        code_t = _TransposedCode(idx, val, self.cfg.n_features)
         out = 0
         if "linear" in paths:
-            out = out + self.linear(idx, val)
+            out = self.linear(idx, val, code_t)           # not 0 + ...: that copies [batch, d]
         if "interaction" in paths:
-            out = out + self.interaction(idx, val)
+            out = out + self.interaction(idx, val, code_t)
         return out
+
+    def train(self, mode: bool = True) -> "NFM":
+        # the reused table buffers (W_lin's gradient is 640 MB at paper scale) only live while training
+        if not mode:
+            for p in (self.W_lin, self.V):
+                _TABLE_BUFFERS.pop(p, None)
+        return super().train(mode)
 
     # ------------------------------------------------------------------ dense reference
     def forward_dense(self, f: torch.Tensor, paths=PATHS) -> torch.Tensor:

@@ -49,9 +49,23 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
         step_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],
         evaluate: Callable[[], dict], eval_every: int, seed: int, desc: str,
         before_step: Callable[[], None] | None = None, after_step: Callable[[], None] | None = None,
-        select_key: str = "val_loss") -> FitResult:
-    """Train `model` for `steps` minibatches of row indices; step_loss(idx) returns (loss, logs)."""
-    opt = make_adam([p for p in model.parameters() if p.requires_grad], lr)
+        select_key: str = "val_loss", optimizer: str = "adam",
+        eval_transform: Callable[[], None] | None = None) -> FitResult:
+    """Train `model` for `steps` minibatches of row indices; step_loss(idx) returns (loss, logs).
+
+    optimizer "adam": Adam with the warm-up/decay schedule above; "signsgd-sf": schedule-free SignSGD
+    (common/optim.py) at a constant lr, evaluated and saved at its averaged iterate.
+    eval_transform: applied in place to the weights that are evaluated and kept (e.g. the SAE's projection of
+    decoder rows back to unit norm); training continues from the untransformed weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "signsgd-sf":
+        from .optim import ScheduleFreeSignSGD
+        opt = ScheduleFreeSignSGD(params, lr)
+    elif optimizer == "adam":
+        opt = make_adam(params, lr)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}")
+    schedule_free = optimizer == "signsgd-sf"
     gen = torch.Generator().manual_seed(seed)
     perm, pos = torch.randperm(n_train, generator=gen), 0
     res = FitResult(steps=steps)
@@ -63,7 +77,7 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
         idx = perm[pos:pos + batch_size]
         pos += batch_size
         for g in opt.param_groups:
-            g["lr"] = lr * lr_factor(step, steps)
+            g["lr"] = lr if schedule_free else lr * lr_factor(step, steps)
         model.train()
         loss, logs = step_loss(idx)
         opt.zero_grad(set_to_none=True)
@@ -78,6 +92,13 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
         running["_n"] = running.get("_n", 0) + 1
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             model.eval()
+            if schedule_free:
+                opt.eval()                      # evaluate (and keep) the averaged iterate x
+            live = None
+            if eval_transform is not None:
+                live = copy.deepcopy(model.state_dict())
+                with torch.no_grad():
+                    eval_transform()
             with torch.no_grad():
                 ev = evaluate()
             n = running.pop("_n")
@@ -89,6 +110,10 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
                 res.best_val, res.best_step = ev[select_key], step + 1
                 res.best_state = copy.deepcopy(model.state_dict())
             bar.set_postfix({select_key: f"{ev[select_key]:.4f}", "best@": res.best_step})
+            if live is not None and step + 1 < steps:
+                model.load_state_dict(live)     # in place: the optimizer keeps its parameter references
+            if schedule_free and step + 1 < steps:
+                opt.train()
     bar.close()
     if res.best_state is not None:
         model.load_state_dict(res.best_state)

@@ -11,7 +11,7 @@ def _frequent_features(pipeline, n=2):
     from common.data import load_activation_file
     from common.sae import encode_all, load_sae_checkpoint
     sae, norm, _ = load_sae_checkpoint(pipeline / "p1")
-    val = next((pipeline / "cache").glob("*-validation.safetensors"))
+    val = next(p for p in (pipeline / "cache").glob("acts-*-validation") if p.is_dir())
     idx, v = encode_all(sae, norm.encode(load_activation_file(val, "x")[0]))
     rate = torch.bincount(idx[v > 0], minlength=sae.cfg.n_latents).float() / idx.shape[0]
     rate[(rate < 0.05) | (rate > 0.5)] = 0                  # fires often, but not everywhere: both kinds of context exist

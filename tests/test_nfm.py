@@ -77,3 +77,103 @@ def test_untrained_nfm_linear_path_is_zero():
     nfm, idx, val, _ = _setup()
     fresh = NFM(NFMConfig(n_features=40, d=12, dim=6, hidden=5))
     assert fresh.linear(idx, val.float()).abs().max() == 0
+
+
+def _dense_code(idx, val, n):
+    """The dense [batch, n] code as a differentiable function of val (for val's gradient)."""
+    return torch.zeros(idx.shape[0], n, dtype=val.dtype).scatter(1, idx, val)
+
+
+def test_gradient_wrt_code_values_matches_dense():
+    """The joint model trains the encoder through val: _WeightedBag's and _BiInteraction's val gradients."""
+    nfm, idx, val, _ = _setup()
+    target = torch.randn(7, 12, dtype=torch.float64)
+    for paths in (("linear", "interaction"), ("linear",), ("interaction",)):
+        v_sparse = val.clone().requires_grad_()
+        ((nfm(idx, v_sparse, paths) - target) ** 2).sum().backward()
+        v_dense = val.clone().requires_grad_()
+        ((nfm.forward_dense(_dense_code(idx, v_dense, 40), paths) - target) ** 2).sum().backward()
+        assert torch.allclose(v_sparse.grad, v_dense.grad, atol=1e-10), paths
+
+
+def test_custom_functions_pass_gradcheck():
+    """Numerical vs analytic gradients of both custom functions, through autograd.grad (no .grad writes)."""
+    from common.nfm import _BiInteraction, _TransposedCode, _WeightedBag
+
+    nfm, idx, val, _ = _setup()
+    v = val.clone().requires_grad_()
+    table = torch.randn(40, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, t: _WeightedBag.apply(idx, v, t, _TransposedCode(idx, v, 40)),
+                                    (v, table))
+    assert torch.autograd.gradcheck(
+        lambda v, t: _BiInteraction.apply(idx, v, t, _TransposedCode(idx, v, 40), False), (v, table))
+    assert torch.autograd.gradcheck(
+        lambda v, t: _BiInteraction.apply(idx, v, t, _TransposedCode(idx, v, 40), True), (v, table))
+    assert table.grad is None
+
+
+def test_table_gradients_reuse_one_buffer_across_steps():
+    """W_lin.grad / V.grad are written in place into reused buffers: each step's gradient must still be
+    exactly that step's (rows of features that fired only in the previous step are zero again)."""
+    nfm, _, _, _ = _setup()
+    target = torch.randn(7, 12, dtype=torch.float64)
+    grads = {}
+    for step, features in enumerate((torch.arange(0, 20), torch.arange(20, 40))):   # disjoint features
+        idx = torch.stack([features[torch.randperm(20)[:5]] for _ in range(7)])
+        val = torch.rand(7, 5, dtype=torch.float64) + 0.1
+        nfm.zero_grad(set_to_none=True)
+        ((nfm(idx, val) - target) ** 2).sum().backward()
+        got = {n: p.grad.clone() for n, p in nfm.named_parameters()}
+        for n in ("W_lin", "V"):
+            assert grads.get(n) is None or getattr(nfm, n).grad is grads[n]    # the same buffer
+            grads[n] = getattr(nfm, n).grad
+        nfm.zero_grad(set_to_none=True)
+        ((nfm.forward_dense(_dense_code(idx, val, 40)) - target) ** 2).sum().backward()
+        for n, p in nfm.named_parameters():
+            assert torch.allclose(got[n], p.grad, atol=1e-10), (step, n)
+    nfm.eval()                                                                     # releases the buffers
+    from common.nfm import _TABLE_BUFFERS
+    assert nfm.W_lin not in _TABLE_BUFFERS and nfm.V not in _TABLE_BUFFERS
+
+
+def test_table_gradients_accumulate_and_respect_hooks_and_autograd_grad():
+    nfm, idx, val, f = _setup()
+    target = torch.randn(7, 12, dtype=torch.float64)
+
+    def loss_sparse():
+        return ((nfm(idx, val) - target) ** 2).sum()
+
+    nfm.zero_grad(set_to_none=True)
+    ((nfm.forward_dense(f) - target) ** 2).sum().backward()
+    ref = {n: p.grad.clone() for n, p in nfm.named_parameters()}
+
+    # two backwards without zeroing: the second is accumulated by autograd onto the first
+    nfm.zero_grad(set_to_none=True)
+    loss_sparse().backward()
+    loss_sparse().backward()
+    for n, p in nfm.named_parameters():
+        assert torch.allclose(p.grad, 2 * ref[n], atol=1e-10), n
+
+    # autograd.grad returns the gradients and leaves .grad alone
+    nfm.zero_grad(set_to_none=True)
+    g_lin, g_v = torch.autograd.grad(loss_sparse(), (nfm.W_lin, nfm.V))
+    assert nfm.W_lin.grad is None and nfm.V.grad is None
+    assert torch.allclose(g_lin, ref["W_lin"], atol=1e-10) and torch.allclose(g_v, ref["V"], atol=1e-10)
+
+    # a hook on the table sees the gradient
+    seen = []
+    h = nfm.W_lin.register_hook(lambda g: seen.append(g.clone()))
+    loss_sparse().backward()
+    h.remove()
+    assert len(seen) == 1 and torch.allclose(seen[0], ref["W_lin"], atol=1e-10)
+    assert torch.allclose(nfm.W_lin.grad, ref["W_lin"], atol=1e-10)
+
+
+def test_sparse_evaluation_builds_no_table_buffers():
+    from common.nfm import _TABLE_BUFFERS, predict
+
+    nfm, idx, val, f = _setup()
+    nfm.eval()
+    out = predict(nfm, idx, val)
+    assert torch.allclose(out, nfm.forward_dense(f), atol=1e-12)
+    assert nfm.W_lin not in _TABLE_BUFFERS and nfm.V not in _TABLE_BUFFERS

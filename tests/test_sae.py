@@ -88,22 +88,43 @@ def test_auxk_revives_only_dead_latents():
         sae.since_fired.fill_(0)
         dead = torch.arange(48, 96)
         sae.since_fired[dead] = 100
-    x_hat, idx, val = sae(x)
+    idx, val, picks = sae.encode_with_aux(x)
+    assert picks is not None and set(picks[0].unique().tolist()) <= set(dead.tolist())
+    x_hat = sae.decode(idx, val).detach()
     total_var = (x - x.mean(0)).pow(2).sum()
-    aux = sae.auxk_loss(x, x_hat, total_var)
+    aux = sae.auxk_loss(picks, x, x_hat, total_var)
     assert aux > 0
     aux.backward()
     rows = (sae.W_enc.grad.abs().sum(1) > 0).nonzero().squeeze(1)
     assert len(rows) > 0 and set(rows.tolist()) <= set(dead.tolist())
-    # the dead latents reconstruct the residual without b_dec (it is already inside x_hat)
-    with torch.no_grad():
-        pre = torch.relu((x - sae.b_dec) @ sae.W_enc[dead].T + sae.b_enc[dead])
-        v, j = pre.topk(12, dim=-1)                      # k_aux = d // 2 = 12
-        e_hat = torch.zeros_like(x)
-        for b in range(x.shape[0]):
-            e_hat[b] = (v[b, :, None] * sae.W_dec[dead[j[b]]]).sum(0)
-        expected = (e_hat - (x - x_hat)).pow(2).sum() / total_var
+    fused = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    # plain autograd reference: a separate dense matmul over the dead latents, ReLU, top-k_aux, loop decode
+    # without b_dec (it is already inside x_hat)
+    sae.zero_grad()
+    pre = torch.relu((x - sae.b_dec) @ sae.W_enc[dead].T + sae.b_enc[dead])
+    v, j = pre.topk(12, dim=-1)                      # k_aux = d // 2 = 12
+    e_hat = torch.stack([(v[b, :, None] * sae.W_dec[dead[j[b]]]).sum(0) for b in range(x.shape[0])])
+    expected = (e_hat - (x - x_hat)).pow(2).sum() / total_var
     assert torch.allclose(aux, expected)
+    expected.backward()
+    for n, p in sae.named_parameters():
+        assert torch.allclose(fused[n], p.grad, atol=1e-10), n
+
+
+def test_fused_aux_encode_keeps_the_main_code_and_its_gradients():
+    sae = _sae(dead_tokens=10)
+    with torch.no_grad():
+        sae.since_fired[::2] = 100                 # half the latents dead
+    x = torch.randn(16, 24, dtype=torch.float64)
+    idx, val, picks = sae.encode_with_aux(x)
+    idx0, val0 = sae.encode(x)
+    assert torch.equal(idx.sort(1).values, idx0.sort(1).values) and torch.allclose(val.sort(1).values, val0.sort(1).values)
+    sae.decode(idx, val).pow(2).sum().backward()   # the aux picks get no gradient when unused
+    g1 = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    sae.decode(idx0, val0).pow(2).sum().backward()
+    for n, p in sae.named_parameters():
+        assert torch.allclose(g1[n], p.grad, atol=1e-12), n
 
 
 def test_bad_sizes():
@@ -129,3 +150,20 @@ def test_training_recovers_planted_dictionary():
     assert res.best_step > 0 and res.history
     assert after["fvu"] < 0.15 < before
     assert after["l0"] <= 4
+
+
+def test_default_recipe_is_schedule_free_signsgd_and_saves_unit_norm_decoder():
+    from common.sae import DEFAULT_OPTIMIZER, default_lr
+    assert DEFAULT_OPTIMIZER == "signsgd-sf"
+    assert default_lr(2 ** 14) == pytest.approx(5e-3) and default_lr(2 ** 16) == pytest.approx(2.5e-3)
+    assert default_lr(2 ** 14, "adam") == pytest.approx(2e-4)
+    g = torch.Generator().manual_seed(1)
+    D = torch.nn.functional.normalize(torch.randn(48, 16, generator=g), dim=1)
+    idx = torch.randint(0, 48, (6000, 2), generator=g)
+    x = torch.zeros(6000, 48).scatter(1, idx, torch.rand(6000, 2, generator=g) + 0.5) @ D
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d=16, n_latents=96, k=4, dead_tokens=5000))
+    res = train_sae(sae, x[:5000], x[5000:5500], 200, 256, default_lr(96), 50, 0, "test")
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(96), atol=1e-5)   # projected back at the averaged iterate
+    assert recon_stats(sae, x[5500:])["fvu"] < 0.1
+    assert res.history[-1]["val_fvu"] == pytest.approx(recon_stats(sae, x[5000:5500])["fvu"], rel=1e-5)

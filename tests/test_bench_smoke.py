@@ -1,0 +1,38 @@
+"""The bench scripts start (they are run by hand, never by the suite: timings need a quiet machine)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args, timeout=300):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_roofline_quick():
+    out = _run("bench/bench_roofline.py", "--quick")
+    assert "GFLOP/s" in out and "share" in out
+
+
+def test_peer_bench_help_does_not_install_anything():
+    out = _run("bench/bench_sae_peers.py", "--help")
+    assert "eai-sparsify" in out and "--quick" in out
+    reqs = (ROOT / "bench" / "requirements-peers.txt").read_text()
+    assert "eai-sparsify" in reqs and "sae-lens" in reqs
+    runtime = (ROOT / "requirements.txt").read_text()
+    assert "sparsify" not in runtime and "sae-lens" not in runtime and "sae_lens" not in runtime
+
+
+def test_end_to_end_lists_the_readme_stages():
+    out = _run("bench/bench_end_to_end.py", "--dry-run")
+    assert "part1_train_topk_sae" in out and "part9_clamping_intervention" in out
+
+
+@pytest.mark.parametrize("script", ["bench/bench_sparse_vs_dense.py", "bench/bench_collection.py"])
+def test_other_benches_parse_their_arguments(script):
+    assert "usage" in _run(script, "--help")
