@@ -33,6 +33,7 @@ def test_end_to_end_lists_the_readme_stages():
     assert "part1_train_topk_sae" in out and "part9_clamping_intervention" in out
 
 
-@pytest.mark.parametrize("script", ["bench/bench_sparse_vs_dense.py", "bench/bench_collection.py"])
+@pytest.mark.parametrize("script", ["bench/bench_sparse_vs_dense.py", "bench/bench_collection.py",
+                                    "bench/bench_cache.py"])
 def test_other_benches_parse_their_arguments(script):
     assert "usage" in _run(script, "--help")
