@@ -123,6 +123,11 @@ def _engine_accumulates_into(table: torch.Tensor) -> bool:
         return False
 
 
+# Writing a table's gradient in place skips its AccumulateGrad node, so anything hooked on that node from
+# C++ (DistributedDataParallel's allreduce hooks) would not see it: set this to False under DDP.
+REUSE_GRAD_BUFFERS = True
+
+
 def _table_grad_out(table: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor for the backward to overwrite with table's gradient; see `_return_grad`.
 
@@ -132,7 +137,7 @@ def _table_grad_out(table: torch.Tensor) -> torch.Tensor:
     (non-leaf table, hooks, create_graph, a gradient already accumulated) it is a fresh tensor that
     autograd accumulates as usual. Consequence: table.grad is the same tensor every step, overwritten by
     the next backward, as with zero_grad(set_to_none=False); copy it if you keep it."""
-    reusable = (table.is_leaf and table.grad is None and not torch.is_grad_enabled()
+    reusable = (REUSE_GRAD_BUFFERS and table.is_leaf and table.grad is None and not torch.is_grad_enabled()
                 and not table._backward_hooks and not getattr(table, "_post_accumulate_grad_hooks", None)
                 and _engine_accumulates_into(table))
     if not reusable:

@@ -8,7 +8,7 @@ SignSGD: Bernstein et al. 2018 (arXiv:1802.04434); schedule-free: Defazio et al.
 `schedulefree.ScheduleFreeWrapper(SignSGD, momentum=0.95)` with weight_lr_power 2, r 0, exactly as sparsify
 builds it, with lr = 5e-3 / sqrt(n_latents / 2^14). No LR decay is needed: the averaged iterate x plays its
 role. We adopted it because, side by side on the same activations and token budget (bench/RESULTS.md), Adam
-at the dictionary_learning learning rate 2e-4 / sqrt(n / 2^14) ended with several times sparsify's held-out FVU.
+at the dictionary_learning learning rate 2e-4 / sqrt(n / 2^14) ended with about three times sparsify's held-out FVU.
 
 The parameters hold y while training (`train()`) and x for evaluation and saving (`eval()`); the switch is
 exact up to rounding. Everything (z, the running weight sum, the mode) lives in `state_dict()`, so a run can

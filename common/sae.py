@@ -15,7 +15,7 @@ Recipe and where it comes from:
   - loss = FVU of the batch (scale-free, as sparsify);
   - optimizer: schedule-free SignSGD, lr = 5e-3 / sqrt(n_latents / 2^14), sparsify's default
     (common/optim.py). Side by side on the same activations and tokens (bench/bench_sae_peers.py) it reached
-    about a third of the held-out FVU that Adam at the dictionary_learning rate 2e-4 / sqrt(n_latents / 2^14)
+    about a quarter of the held-out FVU that Adam at the dictionary_learning rate 2e-4 / sqrt(n_latents / 2^14)
     reached; Adam stays available (`--optimizer adam`);
   - the averaged iterate x keeps the unit-norm constraint only approximately (an average of unit vectors
     is shorter: rows ended at norms 0.82-0.99 on the demo), so the evaluated and saved model is x with its

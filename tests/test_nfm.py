@@ -177,3 +177,22 @@ def test_sparse_evaluation_builds_no_table_buffers():
     out = predict(nfm, idx, val)
     assert torch.allclose(out, nfm.forward_dense(f), atol=1e-12)
     assert nfm.W_lin not in _TABLE_BUFFERS and nfm.V not in _TABLE_BUFFERS
+
+
+def test_grad_buffer_reuse_can_be_switched_off(monkeypatch):
+    """Under DDP the in-place gradient write must be off: then every step gets a fresh gradient tensor,
+    still equal to the dense reference's."""
+    import common.nfm as nfm_mod
+    monkeypatch.setattr(nfm_mod, "REUSE_GRAD_BUFFERS", False)
+    nfm, idx, val, _ = _setup()
+    target = torch.randn(idx.shape[0], 12, dtype=torch.float64)
+    seen = []
+    for _ in range(2):
+        nfm.zero_grad(set_to_none=True)
+        ((nfm(idx, val) - target) ** 2).sum().backward()
+        seen.append(nfm.W_lin.grad)
+    assert seen[0] is not seen[1]
+    got = nfm.W_lin.grad.clone()
+    nfm.zero_grad(set_to_none=True)
+    ((nfm.forward_dense(_dense_code(idx, val, nfm.cfg.n_features)) - target) ** 2).sum().backward()
+    assert torch.allclose(got, nfm.W_lin.grad, atol=1e-10)
