@@ -58,3 +58,39 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         checkpoint.atomic_write_bytes(p, object())
     assert json.loads(p.read_text()) == {"ok": 1}
     assert [q.name for q in tmp_path.iterdir()] == ["x.json"]
+
+
+class _Payload:
+    """Unpickling this object writes a marker file: proof that a loader executed the pickle."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_malicious_pickle_where_weights_are_expected_is_refused_not_executed(tmp_path):
+    import pickle
+
+    from common.data import load_activation_file
+    from common.sae import load_sae_checkpoint
+
+    marker = tmp_path / "PWNED"
+    blob = pickle.dumps({"w": _Payload(marker)})
+    pickle.loads(pickle.dumps(_Payload(tmp_path / "selftest")))          # the payload does fire when unpickled
+    assert (tmp_path / "selftest").exists()
+    # (1) in a checkpoint folder, with a config that claims the right kind and the pickle's own hash
+    _save(tmp_path / "ck")
+    (tmp_path / "ck" / "model.safetensors").write_bytes(blob)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg["content_hash"] = checkpoint.file_hash(tmp_path / "ck" / "model.safetensors")
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="cannot be read"):
+        load_sae_checkpoint(tmp_path / "ck")
+    # (2) as an activation file, also under a .pt name
+    for name in ("acts.safetensors", "acts.pt"):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(UserError, match="not a readable safetensors file"):
+            load_activation_file(tmp_path / name, "--activations")
+    assert not marker.exists()
