@@ -162,6 +162,8 @@ def parse(p: argparse.ArgumentParser, argv=None, stage: str = "part1") -> argpar
         v = getattr(args, name, None)
         if v is not None and v <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if getattr(args, "device", None) not in (None, "auto"):
+        env_device(args.device)      # an unavailable device fails here, before any collection or output
     return args
 
 

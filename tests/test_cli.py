@@ -55,3 +55,16 @@ def test_validation_script_flags_have_help():
     for action in mod.build_parser()._actions:
         if action.dest != "help":
             assert action.help and len(action.help) > 10, action.option_strings
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_unavailable_device_is_one_line_and_touches_no_output(tmp_path):
+    from conftest import run_script
+    out = tmp_path / "p1"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"keep": true}')
+    proc = run_script("part1_train_topk_sae.py", "--device", "cuda", "--out", str(out), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --device cuda asked for, but torch sees no CUDA GPU; use --device cpu or install a CUDA build of torch"]
+    assert [p.name for p in out.iterdir()] == ["metrics.json"] and (out / "metrics.json").read_text() == '{"keep": true}'
