@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .nfm import NFM, NFMConfig
-from .sae import SAEConfig, TopKSAE
+from .sae import SAEConfig, TopKSAE, TransposedCode
 
 # the additive paths and the variants reported for them
 VARIANTS = {"sae": ("sae",), "sae+linear": ("sae", "linear"), "sae+interaction": ("sae", "interaction"),
@@ -41,8 +41,9 @@ class JointModel(nn.Module):
         return self.paths_from(idx, val), idx, val
 
     def paths_from(self, idx: torch.Tensor, val: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"sae": self.sae.decode(idx, val), "linear": self.nfm.linear(idx, val),
-                "interaction": self.nfm.interaction(idx, val)}
+        code_t = TransposedCode(idx, val, self.sae.cfg.n_latents)     # one sort for both NFM backwards
+        return {"sae": self.sae.decode(idx, val), "linear": self.nfm.linear(idx, val, code_t),
+                "interaction": self.nfm.interaction(idx, val, code_t)}
 
     def forward(self, x: torch.Tensor, paths=("sae", "linear", "interaction")) -> torch.Tensor:
         out, _, _ = self.paths(x)

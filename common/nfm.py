@@ -18,7 +18,6 @@ computed in eval mode (no dropout) from the SAE's top-k code of the normalised a
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -28,6 +27,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .cli import UserError
+from .sae import TransposedCode
 from .train import batched, module_device
 
 PATHS = ("linear", "interaction")
@@ -49,41 +49,6 @@ class NFMConfig:
 
 
 # ---------------------------------------------------------------------------- sparse-path kernels
-class _TransposedCode:
-    """F^T: the code (idx, val) as a CSR matrix [n_features, batch] (nonzeros grouped by feature).
-
-    Every table gradient of the sparse path is F^T @ (something [batch, width]) (or (F^2)^T @ ...). As a
-    CSR product that costs O(batch k width) and is several times faster on CPU than index_add_ or
-    embedding_bag's own backward, which sorts the indices again for every table (common/sae.py
-    `_scatter_outer` measured the same). The sort is the fixed cost, so it is done once per code,
-    lazily (never in evaluation), and shared by both paths' backwards."""
-
-    def __init__(self, idx: torch.Tensor, val: torch.Tensor, n_features: int):
-        self.idx, self.val, self.n_features = idx, val.detach(), n_features
-        self._crow = self._rows = self._vals = None
-
-    def _build(self) -> None:
-        # int32 indices where they fit: the sort and the CSR product are ~1.7x faster than with int64; the
-        # sort keys in int16 where features fit (the radix sort's passes scale with the key width)
-        small = max(self.n_features, self.idx.numel()) < 2**31
-        flat = self.idx.reshape(-1).to(torch.int32 if small else torch.long)
-        keys = flat.to(torch.int16) if self.n_features <= 2**15 else flat
-        order = keys.argsort()                                          # [batch * k] nonzeros by feature
-        self._rows = order.to(flat.dtype) // self.idx.shape[1]          # their batch row: F^T's column
-        self._vals = self.val.reshape(-1)[order]                        # their value
-        self._crow = torch.zeros(self.n_features + 1, dtype=flat.dtype, device=flat.device)
-        self._crow[1:] = torch.bincount(flat, minlength=self.n_features).cumsum(0)
-
-    def csr(self, power: int = 1) -> torch.Tensor:
-        """F^T, or (F^2)^T (values squared) with power=2: CSR [n_features, batch]."""
-        if self._crow is None:
-            self._build()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            return torch.sparse_csr_tensor(self._crow, self._rows, self._vals if power == 1 else self._vals ** power,
-                                           (self.n_features, self.idx.shape[0]), check_invariants=False)
-
-
 def _bag_dots(grad: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """<grad[b], table[idx[b, j]]> for every nonzero: [batch, k].
 
@@ -158,7 +123,7 @@ class _WeightedBag(torch.autograd.Function):
     gradient of val (the joint model trains the encoder through it) only when val requires it."""
 
     @staticmethod
-    def forward(ctx, idx, val, table, code_t: _TransposedCode):
+    def forward(ctx, idx, val, table, code_t: TransposedCode):
         ctx.save_for_backward(idx, val, table)
         ctx.code_t = code_t
         # detached: embedding_bag then takes its forward-only kernel (no bookkeeping for its own backward)
@@ -186,7 +151,7 @@ class _BiInteraction(torch.autograd.Function):
         dL/dval[b, j] = <g_b * s_b, v_i>  -  val[b, j] <g_b, v_i^2>  with i = idx[b, j]."""
 
     @staticmethod
-    def forward(ctx, idx, val, V, code_t: _TransposedCode, training: bool):
+    def forward(ctx, idx, val, V, code_t: TransposedCode, training: bool):
         Vd, vd = V.detach(), val.detach()                         # detached: embedding_bag's forward-only kernel
         # V^2 [n_features, dim] into a reused buffer when training (a fresh one each step is page faults)
         V2 = torch.mul(Vd, Vd, out=_reused(V, "square")) if training else Vd * Vd
@@ -231,18 +196,18 @@ class NFM(nn.Module):
     # ------------------------------------------------------------------ sparse path
     # `code_t` lets forward() share one sort of the code between both paths' backwards; callers of a
     # single path leave it out. It must be built from the same (idx, val).
-    def _code_t(self, idx, val, code_t: _TransposedCode | None) -> _TransposedCode:
-        return code_t if code_t is not None else _TransposedCode(idx, val, self.cfg.n_features)
+    def _code_t(self, idx, val, code_t: TransposedCode | None) -> TransposedCode:
+        return code_t if code_t is not None else TransposedCode(idx, val, self.cfg.n_features)
 
-    def linear(self, idx: torch.Tensor, val: torch.Tensor, code_t: _TransposedCode | None = None) -> torch.Tensor:
+    def linear(self, idx: torch.Tensor, val: torch.Tensor, code_t: TransposedCode | None = None) -> torch.Tensor:
         return _WeightedBag.apply(idx, val, self.W_lin, self._code_t(idx, val, code_t)) + self.b_lin  # [batch, d]
 
     def bi_interaction(self, idx: torch.Tensor, val: torch.Tensor,
-                       code_t: _TransposedCode | None = None) -> torch.Tensor:
+                       code_t: TransposedCode | None = None) -> torch.Tensor:
         training = torch.is_grad_enabled() and self.V.requires_grad
         return _BiInteraction.apply(idx, val, self.V, self._code_t(idx, val, code_t), training)  # [batch, dim]
 
-    def hidden(self, idx: torch.Tensor, val: torch.Tensor, code_t: _TransposedCode | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, val: torch.Tensor, code_t: TransposedCode | None = None) -> torch.Tensor:
         """u: the interaction MLP's hidden layer before ReLU (the secondary SAE's input)."""
         return self.mlp1(self.drop(self.bi_interaction(idx, val, code_t)))
 
@@ -250,11 +215,11 @@ class NFM(nn.Module):
         return self.mlp2(F.relu(u))
 
     def interaction(self, idx: torch.Tensor, val: torch.Tensor,
-                    code_t: _TransposedCode | None = None) -> torch.Tensor:
+                    code_t: TransposedCode | None = None) -> torch.Tensor:
         return self.interaction_from_hidden(self.hidden(idx, val, code_t))
 
     def forward(self, idx: torch.Tensor, val: torch.Tensor, paths=PATHS) -> torch.Tensor:
-        code_t = _TransposedCode(idx, val, self.cfg.n_features)
+        code_t = TransposedCode(idx, val, self.cfg.n_features)
         out = 0
         if "linear" in paths:
             out = self.linear(idx, val, code_t)           # not 0 + ...: that copies [batch, d]

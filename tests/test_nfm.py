@@ -98,17 +98,18 @@ def test_gradient_wrt_code_values_matches_dense():
 
 def test_custom_functions_pass_gradcheck():
     """Numerical vs analytic gradients of both custom functions, through autograd.grad (no .grad writes)."""
-    from common.nfm import _BiInteraction, _TransposedCode, _WeightedBag
+    from common.nfm import _BiInteraction, _WeightedBag
+    from common.sae import TransposedCode
 
     nfm, idx, val, _ = _setup()
     v = val.clone().requires_grad_()
     table = torch.randn(40, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v, t: _WeightedBag.apply(idx, v, t, _TransposedCode(idx, v, 40)),
+    assert torch.autograd.gradcheck(lambda v, t: _WeightedBag.apply(idx, v, t, TransposedCode(idx, v, 40)),
                                     (v, table))
     assert torch.autograd.gradcheck(
-        lambda v, t: _BiInteraction.apply(idx, v, t, _TransposedCode(idx, v, 40), False), (v, table))
+        lambda v, t: _BiInteraction.apply(idx, v, t, TransposedCode(idx, v, 40), False), (v, table))
     assert torch.autograd.gradcheck(
-        lambda v, t: _BiInteraction.apply(idx, v, t, _TransposedCode(idx, v, 40), True), (v, table))
+        lambda v, t: _BiInteraction.apply(idx, v, t, TransposedCode(idx, v, 40), True), (v, table))
     assert table.grad is None
 
 
