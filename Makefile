@@ -19,17 +19,17 @@ STAGES := checkpoints/part1_sae checkpoints/part2_nfm checkpoints/part3_secondar
 
 demo: .venv/.installed
 	$(PY) -m common.demo
-	$(PY) part1_train_topk_sae.py --out checkpoints/part1_sae
-	$(PY) part2_train_residual_nfm.py --sae checkpoints/part1_sae --out checkpoints/part2_nfm
-	$(PY) part3_train_secondary_sae.py --nfm checkpoints/part2_nfm --out checkpoints/part3_secondary_sae
-	$(PY) part5_joint_sae_nfm.py --sae checkpoints/part1_sae --out checkpoints/part5_joint
-	$(PY) part3_train_secondary_sae.py --joint checkpoints/part5_joint --out checkpoints/part3_secondary_sae_joint
-	$(PY) part6_kl_divergence.py --sae checkpoints/part1_sae --nfm checkpoints/part2_nfm --joint checkpoints/part5_joint --docs 120 --out checkpoints/part6_kl
-	$(PY) part4_nfm_inspector.py --nfm checkpoints/part2_nfm --out checkpoints/part4_inspect_sequential
-	$(PY) part4_nfm_inspector.py --joint checkpoints/part5_joint --out checkpoints/part4_inspect_joint
-	$(PY) part7_gram_analysis.py --sae checkpoints/part1_sae --joint checkpoints/part5_joint --out checkpoints/part7_gram
-	$(PY) part8_stimulus_response.py --sae checkpoints/part1_sae --nfm checkpoints/part2_nfm --secondary checkpoints/part3_secondary_sae --out checkpoints/part8_stimuli
-	$(PY) part9_clamping_intervention.py --part8 checkpoints/part8_stimuli --out checkpoints/part9_clamp
+	$(PY) part1_train_topk_sae.py --overwrite --out checkpoints/part1_sae
+	$(PY) part2_train_residual_nfm.py --overwrite --sae checkpoints/part1_sae --out checkpoints/part2_nfm
+	$(PY) part3_train_secondary_sae.py --overwrite --nfm checkpoints/part2_nfm --out checkpoints/part3_secondary_sae
+	$(PY) part5_joint_sae_nfm.py --overwrite --sae checkpoints/part1_sae --out checkpoints/part5_joint
+	$(PY) part3_train_secondary_sae.py --overwrite --joint checkpoints/part5_joint --out checkpoints/part3_secondary_sae_joint
+	$(PY) part6_kl_divergence.py --overwrite --sae checkpoints/part1_sae --nfm checkpoints/part2_nfm --joint checkpoints/part5_joint --docs 120 --out checkpoints/part6_kl
+	$(PY) part4_nfm_inspector.py --overwrite --nfm checkpoints/part2_nfm --out checkpoints/part4_inspect_sequential
+	$(PY) part4_nfm_inspector.py --overwrite --joint checkpoints/part5_joint --out checkpoints/part4_inspect_joint
+	$(PY) part7_gram_analysis.py --overwrite --sae checkpoints/part1_sae --joint checkpoints/part5_joint --out checkpoints/part7_gram
+	$(PY) part8_stimulus_response.py --overwrite --sae checkpoints/part1_sae --nfm checkpoints/part2_nfm --secondary checkpoints/part3_secondary_sae --out checkpoints/part8_stimuli
+	$(PY) part9_clamping_intervention.py --overwrite --part8 checkpoints/part8_stimuli --out checkpoints/part9_clamp
 	@$(PY) -m common.summary $(STAGES)
 
 .venv/.installed-test: requirements-test.txt .venv/.installed
@@ -41,7 +41,7 @@ test: .venv/.installed-test
 
 # planted-ground-truth validation (README: "Does the method find interactions that are not there?")
 validate: .venv/.installed
-	$(PY) validate_planted_interactions.py
+	$(PY) validate_planted_interactions.py --overwrite
 
 clean:
 	rm -rf $(STAGES) checkpoints/activation_cache

@@ -117,8 +117,9 @@ def main(argv=None, http_client=None):
         n_feat = sae.cfg.n_latents
     bad = [f for f in args.features if not 0 <= f < n_feat]
     if bad:
-        raise cli.UserError(f"--features {bad} out of range: the {args.kind} SAE has {n_feat} latents")
-    out = cli.prepare_out(args.out)
+        raise cli.UserError(f"--features {bad} out of range: the {args.kind} SAE has {n_feat} latents (0..{n_feat - 1}); "
+                            f"pass features in that range")
+    out = cli.prepare_out(args.out, args)
     client = ClaudeClient(args.claude_model, args.cache_dir or out / "claude_cache",
                           max_concurrency=args.max_concurrency, http_client=http_client)
     model, tok, _ = load_model(spec.model, args.dtype, args.device)

@@ -11,6 +11,10 @@ Paper setup (OpenLLaMA-3B, layer 16, WikiText-103, 50k latents, K=1024; one 24 G
     python part1_train_topk_sae.py --preset paper --out checkpoints/paper/part1_sae
 Your own activations (no model at all; one [n, d] tensor 'activations' in a safetensors file):
     python part1_train_topk_sae.py --activations acts.safetensors --out checkpoints/mine/part1_sae
+Several GPUs (DDP, common/dist.py; --batch-size is the global batch):
+    torchrun --standalone --nproc_per_node=4 part1_train_topk_sae.py --preset paper --out checkpoints/paper/part1_sae
+Resume an interrupted run (same flags plus --resume; the state is saved every --checkpoint-every steps):
+    python part1_train_topk_sae.py --preset paper --out checkpoints/paper/part1_sae --resume
 
 Writes to --out: model.safetensors + config.json (SAE weights and the normalisation), metrics.json,
 training_curves.png, feature_density.png.
@@ -19,12 +23,12 @@ from __future__ import annotations
 
 import time
 
-from common import checkpoint, cli, plots
+from common import checkpoint, cli, dist, plots
 from common.data import DataSpec, get_activations
 from common.metrics import recon_stats
 from common.normalize import MODES, Normalizer
 from common.sae import DEFAULT_OPTIMIZER, OPTIMIZERS, SAEConfig, TopKSAE, default_dead_tokens, default_lr, train_sae
-from common.train import split_selection_test
+from common.train import TrainCheckpoints, split_selection_test
 
 
 def build_parser():
@@ -46,17 +50,20 @@ def build_parser():
                         "warm-up and linear decay (default: %(default)s)")
     cli.add_training_args(p, None, "5e-3 / sqrt(n_latents / 2^14) for signsgd-sf, 2e-4 / sqrt(n_latents / 2^14) "
                                    "for adam: the sparsify / dictionary_learning scalings")
+    cli.add_resume_args(p)
     return p
 
 
 def main(argv=None):
     args = cli.parse(build_parser(), argv)
+    dist.init(args)
     cli.seed_everything(args.seed)
-    out = cli.prepare_out(args.out)
+    out = cli.prepare_out(args.out, args)
+    ckpt = TrainCheckpoints(out, args)
     t0 = time.time()
 
     spec = None if args.activations else DataSpec.from_args(args)
-    acts = get_activations(args, spec)
+    acts = dist.main_first(lambda: get_activations(args, spec))
     d = acts.train.shape[1]
     norm = Normalizer.fit(acts.train, args.normalize)
     x_train = norm.encode(acts.train)                                                    # [n_train, d]
@@ -71,7 +78,9 @@ def main(argv=None):
     print(f"TopK SAE d={d} n_latents={cfg.n_latents} k={cfg.k}: {steps} steps of {args.batch_size} tokens "
           f"({x_train.shape[0]} training tokens), {args.optimizer} lr {lr:.2e}")
     fitres = train_sae(sae, x_train, x_sel, steps, args.batch_size, lr,
-                       cli.eval_every(args, steps), args.seed, "train SAE", optimizer=args.optimizer)
+                       cli.eval_every(args, steps), args.seed, "train SAE", optimizer=args.optimizer, ckpt=ckpt)
+    if not dist.is_main():
+        return                  # under torchrun, rank 0 evaluates and writes the results
 
     test = recon_stats(sae, x_test, norm=norm, with_density=True)
     firing = test.pop("firing_rate")
@@ -86,7 +95,8 @@ def main(argv=None):
                        "never fire on these tokens",
         "train": {"steps": steps, "best_step": fitres.best_step, "optimizer": args.optimizer, "lr": lr, "batch_size": args.batch_size,
                   "train_tokens": x_train.shape[0], "dead_fraction_at_end_of_training":
-                      float((sae.since_fired >= dead_tokens).float().mean()), "seconds": time.time() - t0},
+                      float((sae.since_fired >= dead_tokens).float().mean()), "seconds": time.time() - t0,
+                  **cli.resume_record(args)},
         "data": acts.description,
         "history": fitres.history,
     }
@@ -100,6 +110,7 @@ def main(argv=None):
             plots.density_histogram(firing, test["n_tokens"], out / "feature_density.png", "TopK SAE feature density")]
     print(f"held-out: FVU {test['fvu']:.4f}  MSE {test['mse']:.4f}  L0 {test['l0']:.1f}  "
           f"dead {test['dead_fraction']:.1%}  cosine {test['cosine']:.3f}  ({test['n_tokens']} tokens)")
+    ckpt.finish()
     cli.report(out, out / "metrics.json", pngs)
 
 

@@ -16,6 +16,8 @@ Paper setup (NFM dimension 300 on the 50k-latent, K=1024 SAE; 5M tokens):
     python part2_train_residual_nfm.py --preset paper --sae checkpoints/paper/part1_sae --out checkpoints/paper/part2_nfm
 Your own activations (no model; must be the same layer/width the SAE was trained on):
     python part2_train_residual_nfm.py --sae checkpoints/mine/part1_sae --activations acts.safetensors --out checkpoints/mine/part2_nfm
+Several GPUs (DDP; --batch-size is the global batch):
+    torchrun --standalone --nproc_per_node=4 part2_train_residual_nfm.py --preset paper --sae checkpoints/paper/part1_sae --out checkpoints/paper/part2_nfm
 
 Writes to --out: model.safetensors + config.json (NFM; records the SAE's content hash), metrics.json,
 training_curves.png, residual_reduction.png, and residual_sae/ (the control's checkpoint).
@@ -26,13 +28,13 @@ import math
 import time
 
 
-from common import checkpoint, cli, plots
+from common import checkpoint, cli, dist, plots
 from common.data import DataSpec, get_activations
 from common.metrics import recon_stats, residual_reduction
 from common.nfm import NFM, NFMConfig, predict, train_nfm
 from common.sae import (SAEConfig, TopKSAE, codes_and_residuals, default_dead_tokens, default_lr,
                         load_sae_checkpoint, reconstruct_all, train_sae)
-from common.train import module_device, split_selection_test
+from common.train import TrainCheckpoints, module_device, split_selection_test
 
 
 def build_parser():
@@ -50,18 +52,22 @@ def build_parser():
                    help="also train a secondary TopK SAE on the residual with >= the NFM's parameter count "
                         "(default: residual_sae)")
     b.add_argument("--baseline-k", type=int, default=None, help="TopK of the residual SAE (default: the SAE's k)")
+    cli.add_resume_args(p)
     return p
 
 
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part2")
+    dist.init(args)
     cli.seed_everything(args.seed)
-    out = cli.prepare_out(args.out)
+    out = cli.prepare_out(args.out, args)
+    ckpt = TrainCheckpoints(out, args)
     t0 = time.time()
 
     sae, norm, sae_cfg = load_sae_checkpoint(args.sae)
     d = sae.cfg.d
-    acts = get_activations(args, DataSpec.from_description(sae_cfg["data"]), parent=sae_cfg["data"], width=d)
+    acts = dist.main_first(lambda: get_activations(args, DataSpec.from_description(sae_cfg["data"]),
+                                                   parent=sae_cfg["data"], width=d))
     # [n, k] codes and [n, d] residuals, everything in the SAE's normalised space
     train = codes_and_residuals(sae, norm.encode(acts.train))
     idx_v, val_v, r_v = codes_and_residuals(sae, norm.encode(acts.val))
@@ -76,7 +82,7 @@ def main(argv=None):
     steps = cli.total_steps(args, train[0].shape[0])
     print(f"NFM on the residual of {args.sae}: dim={cfg.dim} hidden={cfg.hidden}, {nfm.param_counts()['total']:,} "
           f"parameters, {steps} steps of {args.batch_size} tokens")
-    fitres = train_nfm(nfm, *train, sel, steps, args.batch_size, args.lr, cli.eval_every(args, steps), args.seed)
+    fitres = train_nfm(nfm, *train, sel, steps, args.batch_size, args.lr, cli.eval_every(args, steps), args.seed, ckpt=ckpt)
 
     r_test = test[2]
     # Ablations of the trained model. Primary: mean-ablation, the removed path replaced by its mean output
@@ -113,21 +119,24 @@ def main(argv=None):
                        "mean |component| (as the original study)",
         "params": nfm.param_counts(),
         "train": {"steps": steps, "best_step": fitres.best_step, "lr": args.lr, "batch_size": args.batch_size,
-                  "train_tokens": int(train[0].shape[0])},
+                  "train_tokens": int(train[0].shape[0]), **cli.resume_record(args)},
         "data": acts.description,
         "history": fitres.history,
     }
     sae_ref = checkpoint.parent_ref(sae_cfg)
-    checkpoint.save(out, "nfm", nfm.state_dict(), {
-        "hparams": nfm.hparams(), "data": acts.description, "train": metrics["train"], "seed": args.seed,
-        "parents": {"sae": sae_ref}})
+    if dist.is_main():
+        checkpoint.save(out, "nfm", nfm.state_dict(), {
+            "hparams": nfm.hparams(), "data": acts.description, "train": metrics["train"], "seed": args.seed,
+            "parents": {"sae": sae_ref}})
 
     labels, values = ["NFM both", "linear only", "interaction only"], [reduction[k] for k in pred]
     if args.baseline == "residual_sae":
         metrics["baseline_residual_sae"] = residual_sae_control(args, nfm, sae, train[2], sel[2], r_test, out, sae_ref,
-                                                                acts.description)
+                                                                acts.description, ckpt)
         labels.append("residual SAE")
         values.append(metrics["baseline_residual_sae"]["residual_reduction"])
+    if not dist.is_main():
+        return                  # under torchrun, rank 0 writes the results
     metrics["seconds"] = time.time() - t0
     cli.write_json(out / "metrics.json", metrics)
     pngs = [plots.training_curves(fitres.history, ["loss"], out / "training_curves.png",
@@ -136,10 +145,11 @@ def main(argv=None):
                        f"held-out residual reduction ({r_test.shape[0]} tokens; ablations: other path mean-ablated)",
                        "1 - MSE(r - r_hat) / MSE(r)")]
     print("held-out residual reduction: " + "  ".join(f"{l}: {v:.4f}" for l, v in zip(labels, values)))
+    ckpt.finish()
     cli.report(out, out / "metrics.json", pngs)
 
 
-def residual_sae_control(args, nfm, sae, r_train, r_sel, r_test, out, sae_ref, data_desc) -> dict:
+def residual_sae_control(args, nfm, sae, r_train, r_sel, r_test, out, sae_ref, data_desc, ckpt) -> dict:
     """A TopK SAE trained on the residual itself, with at least the NFM's parameter count."""
     d, n_params = sae.cfg.d, nfm.param_counts()["total"]
     n_latents = math.ceil((n_params - d) / (2 * d + 1))   # 2*n*d weights + n + d biases >= NFM parameters
@@ -148,12 +158,14 @@ def residual_sae_control(args, nfm, sae, r_train, r_sel, r_test, out, sae_ref, d
     ctl = TopKSAE(SAEConfig(d=d, n_latents=n_latents, k=k, dead_tokens=default_dead_tokens(steps, args.batch_size)))
     ctl.to(module_device(nfm))
     fitres = train_sae(ctl, r_train, r_sel, steps, args.batch_size, default_lr(n_latents),
-                       cli.eval_every(args, steps), args.seed, "train residual SAE (control)")
+                       cli.eval_every(args, steps), args.seed, "train residual SAE (control)", ckpt=ckpt,
+                       tag="residual_sae")
     r_hat = reconstruct_all(ctl, r_test)
     n_ctl = sum(p.numel() for p in ctl.parameters())
-    checkpoint.save(out / "residual_sae", "residual_sae", ctl.tensors(), {
-        "hparams": ctl.hparams(), "data": data_desc, "seed": args.seed, "parents": {"sae": sae_ref},
-        "train": {"steps": steps, "best_step": fitres.best_step}})
+    if dist.is_main():
+        checkpoint.save(out / "residual_sae", "residual_sae", ctl.tensors(), {
+            "hparams": ctl.hparams(), "data": data_desc, "seed": args.seed, "parents": {"sae": sae_ref},
+            "train": {"steps": steps, "best_step": fitres.best_step}})
     return {"residual_reduction": residual_reduction(r_test, r_hat), "params": n_ctl, "nfm_params": n_params,
             "n_latents": n_latents, "k": k, "steps": steps, "best_step": fitres.best_step,
             "checkpoint": str(out / "residual_sae")}

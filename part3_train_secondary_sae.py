@@ -35,7 +35,7 @@ from common.nfm import NFM, hidden_all
 from common.normalize import MODES, Normalizer
 from common.sae import (DEFAULT_OPTIMIZER, OPTIMIZERS, SAEConfig, TopKSAE, codes_and_residuals, default_dead_tokens, default_lr,
                         load_sae_checkpoint, reconstruct_all, train_sae)
-from common.train import batched, module_device, split_selection_test
+from common.train import TrainCheckpoints, batched, module_device, split_selection_test
 
 
 def build_parser():
@@ -56,6 +56,7 @@ def build_parser():
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
                    help="the SAE optimizer, as in part1 (default: %(default)s)")
     cli.add_training_args(p, None, "5e-3 / sqrt(n_latents / 2^14) for signsgd-sf, 2e-4 / sqrt(n_latents / 2^14) for adam")
+    cli.add_resume_args(p)
     return p
 
 
@@ -77,7 +78,8 @@ def nfm_with_hidden(nfm: NFM, idx, val, u) -> torch.Tensor:
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part3")
     cli.seed_everything(args.seed)
-    out = cli.prepare_out(args.out)
+    out = cli.prepare_out(args.out, args)
+    ckpt = TrainCheckpoints(out, args)
     t0 = time.time()
 
     if args.joint:
@@ -110,7 +112,8 @@ def main(argv=None):
     print(f"secondary TopK SAE on the NFM hidden layer (post-MLP1, pre-ReLU, width {hidden}): "
           f"n_latents={cfg.n_latents} k={cfg.k}, {steps} steps")
     fitres = train_sae(sec, unorm.encode(u_train), u_sel, steps, args.batch_size, lr,
-                       cli.eval_every(args, steps), args.seed, "train secondary SAE", optimizer=args.optimizer)
+                       cli.eval_every(args, steps), args.seed, "train secondary SAE", optimizer=args.optimizer,
+                       ckpt=ckpt)
 
     test = recon_stats(sec, u_test, norm=unorm, with_density=True)
     firing = test.pop("firing_rate")
@@ -132,7 +135,7 @@ def main(argv=None):
                        "SAE on u (normalised units; *_raw in u's own units); NFM residual reduction = "
                        "1 - sum||r - r_hat||^2 / sum||r||^2 with u intact vs replaced by the secondary SAE's reconstruction",
         "train": {"steps": steps, "best_step": fitres.best_step, "optimizer": args.optimizer, "lr": lr, "batch_size": args.batch_size,
-                  "train_tokens": int(u_train.shape[0]), "seconds": time.time() - t0},
+                  "train_tokens": int(u_train.shape[0]), "seconds": time.time() - t0, **cli.resume_record(args)},
         "history": fitres.history,
     }
     checkpoint.save(out, "secondary_sae", {**sec.tensors(), **unorm.tensors()}, {
@@ -147,6 +150,7 @@ def main(argv=None):
     print(f"held-out: FVU {h['fvu']:.4f}  L0 {h['l0']:.1f}  dead {h['dead_fraction']:.1%}  NFM residual reduction "
           f"{h['nfm_residual_reduction_intact']:.4f} intact -> {h['nfm_residual_reduction_with_secondary_reconstruction']:.4f} "
           f"with the secondary reconstruction")
+    ckpt.finish()
     cli.report(out, out / "metrics.json", pngs)
 
 

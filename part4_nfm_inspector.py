@@ -60,7 +60,7 @@ def load_models(args):
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part4")
     cli.seed_everything(args.seed)
-    out = cli.prepare_out(args.out)
+    out = cli.prepare_out(args.out, args)
     t0 = time.time()
     nfm, sae, norm, data_desc, kind, W_dec = load_models(args)
     device = cli.env_device(args.device)
@@ -68,7 +68,7 @@ def main(argv=None):
     sae.to(device)
     n = nfm.cfg.n_features
     if args.feature is not None and not 0 <= args.feature < n:
-        raise cli.UserError(f"--feature {args.feature} is out of range: the SAE has {n} latents (0..{n - 1})")
+        raise cli.UserError(f"--feature {args.feature} is out of range: the SAE has {n} latents (0..{n - 1}); pass a feature in that range")
 
     weights = {}
     for name, w in (("embedding_row", nfm.V.detach().cpu()), ("linear_weights", nfm.W_lin.detach().cpu())):

@@ -15,6 +15,8 @@ Paper setup (50k latents, K=1024, NFM dim 300; 5M tokens):
     python part5_joint_sae_nfm.py --preset paper --out checkpoints/paper/part5_joint
 Your own activations:
     python part5_joint_sae_nfm.py --activations acts.safetensors --out checkpoints/mine/part5_joint
+Several GPUs (DDP; --batch-size is the global batch):
+    torchrun --standalone --nproc_per_node=4 part5_joint_sae_nfm.py --preset paper --out checkpoints/paper/part5_joint
 
 Writes to --out: model.safetensors + config.json (kind "joint"), baseline_sae/ (a part1-style SAE
 checkpoint), metrics.json, training_curves.png, fvu_by_variant.png.
@@ -24,14 +26,14 @@ from __future__ import annotations
 import math
 import time
 
-from common import checkpoint, cli, plots
+from common import checkpoint, cli, dist, plots
 from common.data import DataSpec, get_activations
 from common.joint import VARIANTS, JointModel, path_outputs
 from common.metrics import ReconAccumulator, recon_stats
 from common.nfm import NFMConfig
 from common.normalize import MODES, Normalizer
 from common.sae import SAEConfig, TopKSAE, default_dead_tokens, default_lr, load_sae_checkpoint, reconstruct_all, train_sae
-from common.train import fit, split_selection_test
+from common.train import TrainCheckpoints, fit, split_selection_test
 
 
 def build_parser():
@@ -51,6 +53,7 @@ def build_parser():
     b.add_argument("--baseline-sae", default=None, metavar="DIR",
                    help="a trained standalone SAE to compare against instead of training the parameter-matched one")
     b.add_argument("--sae", default=None, metavar="DIR", help="also report this part1 SAE on the same held-out tokens")
+    cli.add_resume_args(p)
     return p
 
 
@@ -62,13 +65,15 @@ def fvu_raw(norm: Normalizer, x_norm, x_hat_norm) -> float:
 
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part5")
+    dist.init(args)
     cli.seed_everything(args.seed)
-    out = cli.prepare_out(args.out)
+    out = cli.prepare_out(args.out, args)
+    ckpt = TrainCheckpoints(out, args)
     t0 = time.time()
     device = cli.env_device(args.device)
 
     spec = None if args.activations else DataSpec.from_args(args)
-    acts = get_activations(args, spec)
+    acts = dist.main_first(lambda: get_activations(args, spec))
     d = acts.train.shape[1]
     norm = Normalizer.fit(acts.train, args.normalize)
     x_train = norm.encode(acts.train)
@@ -98,7 +103,7 @@ def main(argv=None):
 
     fitres = fit(model, x_train.shape[0], args.batch_size, steps, lr, step_loss, evaluate, cli.eval_every(args, steps),
                  args.seed, "train joint SAE+NFM", before_step=model.sae.remove_parallel_grad,
-                 after_step=model.sae.renorm_decoder)
+                 after_step=model.sae.renorm_decoder, ckpt=ckpt, tag="joint")
 
     # held-out report: every variant, zero- and mean-ablated
     o = path_outputs(model, x_test)
@@ -125,11 +130,15 @@ def main(argv=None):
         base_init_sq = base.W_dec.detach().pow(2).sum(1).cpu()
         # the same optimizer (Adam) and schedule as the joint model, so the comparison is about the model
         bres = train_sae(base, x_train, x_sel, steps, args.batch_size, args.lr or default_lr(n_b, "adam"),
-                         cli.eval_every(args, steps), args.seed, "train parameter-matched SAE", optimizer="adam")
+                         cli.eval_every(args, steps), args.seed, "train parameter-matched SAE", optimizer="adam",
+                         ckpt=ckpt, tag="baseline_sae")
         base_path = str(out / "baseline_sae")
-        checkpoint.save(out / "baseline_sae", "sae", {**base.tensors(), **norm.tensors(), "init.sq_norm": base_init_sq}, {
-            "hparams": base.hparams(), "normalize": args.normalize, "data": acts.description, "seed": args.seed,
-            "parents": {}, "train": {"steps": steps, "best_step": bres.best_step, "role": "part5 parameter-matched baseline"}})
+        if dist.is_main():
+            checkpoint.save(out / "baseline_sae", "sae", {**base.tensors(), **norm.tensors(), "init.sq_norm": base_init_sq}, {
+                "hparams": base.hparams(), "normalize": args.normalize, "data": acts.description, "seed": args.seed,
+                "parents": {}, "train": {"steps": steps, "best_step": bres.best_step, "role": "part5 parameter-matched baseline"}})
+    if not dist.is_main():
+        return                  # under torchrun, rank 0 evaluates and writes the results
     x_test_raw = norm.decode(x_test)
     base_fvu = fvu_raw(base_norm, base_norm.encode(x_test_raw), reconstruct_all(base, base_norm.encode(x_test_raw)))
     base_params = sum(p.numel() for p in base.parameters())
@@ -147,7 +156,8 @@ def main(argv=None):
                               "zero-ablation deletes the other paths, mean-ablation replaces them by their mean output "
                               "on training tokens; relative FVU reduction = 1 - FVU(joint, all paths) / FVU(other)",
                "train": {"steps": steps, "best_step": fitres.best_step, "lr": lr, "batch_size": args.batch_size,
-                         "train_tokens": int(x_train.shape[0]), "seconds": time.time() - t0},
+                         "train_tokens": int(x_train.shape[0]), "seconds": time.time() - t0,
+                         **cli.resume_record(args)},
                "data": acts.description, "history": fitres.history}
     checkpoint.save(out, "joint", {**model.state_dict(), **norm.tensors(), "init.sq_norm": init_sq_norm}, {
         "hparams": model.hparams(), "normalize": args.normalize, "data": acts.description, "seed": args.seed,
@@ -165,6 +175,7 @@ def main(argv=None):
     print(f"joint (all paths) vs standalone SAE of equal parameters: "
           f"{comparisons['joint_vs_standalone_relative_fvu_reduction']:+.1%}; vs its own SAE path: "
           f"{comparisons['joint_vs_own_sae_path_relative_fvu_reduction']:+.1%}")
+    ckpt.finish()
     cli.report(out, out / "metrics.json", pngs)
 
 

@@ -123,7 +123,7 @@ def random_error(h: torch.Tensor, rec: torch.Tensor, chol: torch.Tensor | None, 
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part6")
     cli.seed_everything(args.seed)
-    out = cli.prepare_out(args.out)
+    out = cli.prepare_out(args.out, args)
     t0 = time.time()
     sae, norm, sae_cfg = load_sae_checkpoint(args.sae)
     spec = DataSpec.from_description(sae_cfg["data"])

@@ -52,10 +52,12 @@ def build_parser():
 
 
 def init_sq_norm(path: Path, n: int) -> tuple[torch.Tensor, str]:
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        if "init.sq_norm" in f.keys():
-            return f.get_tensor("init.sq_norm"), "saved at training time"
-    return torch.ones(n), "not saved; assumed 1 (unit-norm decoder rows, W_lin = 0 at init)"
+    if (path / "model.safetensors").is_file():          # a SAELens folder (common/saelens.py) has none
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            if "init.sq_norm" in f.keys():
+                return f.get_tensor("init.sq_norm"), "saved at training time"
+        return torch.ones(n), "not saved; assumed 1 (unit-norm decoder rows, W_lin = 0 at init)"
+    return torch.ones(n), "not recorded (an imported SAELens SAE); 1 shown for reference only"
 
 
 def geometry(E: torch.Tensor, init: torch.Tensor, chunk: int) -> dict:
@@ -76,7 +78,7 @@ def geometry(E: torch.Tensor, init: torch.Tensor, chunk: int) -> dict:
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part7")
     cli.seed_everything(args.seed)
-    out = cli.prepare_out(args.out)
+    out = cli.prepare_out(args.out, args)
     t0 = time.time()
     models, results = {}, {}
     if args.sae:

@@ -138,7 +138,7 @@ def main(argv=None, http_client=None):
     if args.generate_stimuli:
         generate_set(args, http_client)
     cli.seed_everything(args.seed)
-    out = cli.prepare_out(args.out)
+    out = cli.prepare_out(args.out, args)
     t0 = time.time()
     stim = load_stimuli(args.stimuli)
     rows = stim.rows()

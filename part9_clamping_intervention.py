@@ -168,8 +168,10 @@ def generate(model, tok, layer, prompt, clamp, n_tokens, sample, seed, keep_bos)
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part9")
     cli.seed_everything(args.seed)
-    out = cli.prepare_out(args.out)
+    out = cli.prepare_out(args.out, args)
     t0 = time.time()
+    buckets = load_word_buckets(args.buckets)          # malformed JSON fails before any model loads
+    stim = load_stimuli(args.prompts)
     if args.joint:
         joint, norm, parent_cfg = load_joint_checkpoint(args.joint)
         sae, nfm, parent_role, parent_flag = joint.sae, joint.nfm, "joint", "--joint"
@@ -201,9 +203,9 @@ def main(argv=None):
         feature = (m8["secondary"]["top_by_interaction_F"][0]["feature"] if key == "secondary"
                    else m8["primary"]["top"][m8["factors"]["A:B"]][0]["feature"])
     if not 0 <= feature < n_feat:
-        raise cli.UserError(f"--feature {feature} is out of range: the {args.kind} SAE has {n_feat} latents")
+        raise cli.UserError(f"--feature {feature} is out of range: the {args.kind} SAE has {n_feat} latents "
+                            f"(0..{n_feat - 1}); pass a feature in that range")
 
-    buckets = load_word_buckets(args.buckets)
     model, tok, _ = load_model(spec.model, args.dtype, args.device)
     device = next(model.parameters()).device
     for m in (sae, nfm, sec):
@@ -213,7 +215,6 @@ def main(argv=None):
         if n_ is not None:
             n_.to(device)
     ids_by_cell, token_report = bucket_token_ids(buckets, tok, args.multi_token)
-    stim = load_stimuli(args.prompts)
     per_cell = max(1, args.n_prompts // 4)
     prompts = [s for key in stim.cell_keys() for s in stim.cells[key][:per_cell]]
     words = [(cell, tid) for cell, tids in ids_by_cell.items() for tid in tids]

@@ -43,6 +43,8 @@ from common.train import split_selection_test
 def build_parser():
     p = cli.parser(__doc__)
     p.add_argument("--out", default="checkpoints/validation_planted", help="output folder (default: checkpoints/validation_planted)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out "
+                                                              "(default: refuse)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of every model (default: 0)")
     p.add_argument("--device", default="auto", help="device for training (default: auto)")
     p.add_argument("--n-samples", type=int, default=60_000, help="rows of planted and of null data; the last 10%% are "
@@ -192,7 +194,7 @@ def fmt(v):
 def main(argv=None):
     args = cli.parse(build_parser(), argv)
     cli.seed_everything(args.seed)
-    out = cli.prepare_out(args.out)
+    out = cli.prepare_out(args.out, args)
     t0 = time.time()
     cfg = synthetic.config_from_args(args)
     planted_dir = synthetic.write(out / "data" / "planted", cfg, args.n_samples)

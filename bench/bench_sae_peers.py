@@ -47,6 +47,12 @@ def ensure_peer_env() -> None:
         return
     except ImportError:
         pass
+    py = build_peer_env()
+    os.execv(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+def build_peer_env() -> Path:
+    """bench/.venv-peers (built on first use); returns its python."""
     py = PEER_VENV / "bin" / "python"
     stamp = PEER_VENV / ".installed"
     if not stamp.exists():
@@ -56,7 +62,7 @@ def ensure_peer_env() -> None:
         subprocess.check_call(pip + ["torch==2.13.0"])
         subprocess.check_call(pip + ["-r", str(ROOT / "requirements.txt"), "-r", str(ROOT / "bench" / "requirements-peers.txt")])
         stamp.touch()
-    os.execv(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]])
+    return py
 
 
 # ------------------------------------------------------------------------------------------------ data

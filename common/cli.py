@@ -27,6 +27,10 @@ class UserError(Exception):
     """A problem with the user's input. The message names the problem and the fix, on one line."""
 
 
+class Interrupted(Exception):
+    """SIGINT/SIGTERM during training, after the training state was saved; the message says how to resume."""
+
+
 def run_main(main) -> None:
     """Run `main()`; turn UserError (and a few well-known input failures) into a one-line error."""
     try:
@@ -34,6 +38,9 @@ def run_main(main) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -80,6 +87,24 @@ def add_common_args(p: argparse.ArgumentParser, out_default: str) -> None:
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="set the defaults of the paper setup (OpenLLaMA-3B, layer 16, WikiText-103, 50k latents, "
                         "K=1024); explicit flags still override it")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out (default: refuse, so good results are never "
+                        "overwritten by a rerun with new flags)")
+
+
+def add_resume_args(p: argparse.ArgumentParser) -> None:
+    """--resume / --force / --checkpoint-every, for the stages that train (common/train.py TrainCheckpoints)."""
+    g = p.add_argument_group("resume")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its last training state (model, optimizer, "
+                        "LR-schedule position, RNG states, data position, AuxK counters, best-so-far metrics); "
+                        "it ends exactly where an uninterrupted run would")
+    g.add_argument("--force", action="store_true",
+                   help="with --resume: continue even though flags differ from the interrupted run's; the changed "
+                        "flags are recorded in metrics.json (default: refuse)")
+    g.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="save the training state every N steps (atomically, the last two kept, in --out/train_state/), "
+                        "and always at SIGINT/SIGTERM and at the end of training (default: a tenth of the steps)")
 
 
 def add_data_args(p: argparse.ArgumentParser, with_model_source: bool = True) -> None:
@@ -158,10 +183,15 @@ def parse(p: argparse.ArgumentParser, argv=None, stage: str = "part1") -> argpar
         known = {a.dest for a in p._actions}
         p.set_defaults(**{k: v for k, v in PRESETS[preset][stage].items() if k in known})
     args = p.parse_args(argv)
-    for name in ("train_tokens", "val_tokens", "seq_len", "lm_batch_size", "batch_size", "steps"):
+    for name in ("train_tokens", "val_tokens", "seq_len", "lm_batch_size", "batch_size", "steps", "checkpoint_every",
+                 "n_latents", "k", "nfm_dim", "nfm_hidden", "expansion", "docs", "top", "n_prompts", "n_examples",
+                 "n_score"):
         v = getattr(args, name, None)
         if v is not None and v <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    k, n = getattr(args, "k", None), getattr(args, "n_latents", None)
+    if k is not None and n is not None and k > n:      # before any collection (SAEConfig checks it again)
+        raise UserError(f"--k {k} exceeds --n-latents {n}; choose k <= n_latents")
     if getattr(args, "device", None) not in (None, "auto"):
         env_device(args.device)      # an unavailable device fails here, before any collection or output
     return args
@@ -174,13 +204,64 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_out(out: str | Path) -> Path:
+# files whose presence means a folder holds a run (a stage's results or an interrupted run's training state)
+RUN_MARKERS = ("config.json", "metrics.json", "results.json", "train_state")
+STATE_DIR = "train_state"
+# flags that may change between an interrupted run and its --resume without changing what is computed
+RESUME_FREE = {"resume", "force", "overwrite", "checkpoint_every", "device", "lm_batch_size", "cache_dir",
+               "cache_shard_tokens"}
+
+
+def prepare_out(out: str | Path, args: argparse.Namespace | None = None) -> Path:
+    """Check --out before any work: refuse a folder holding another run unless --overwrite (or --resume, which
+    must match the interrupted run's flags unless --force). Creates the folder; writes and deletes nothing."""
+    from . import dist
+    if dist.env_world() > 1 and not dist.initialized():
+        raise UserError("this stage does not train under torchrun (only part1, part2 and part5 do); run it with python")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
+    held = [m for m in RUN_MARKERS if (out / m).exists()]
+    if getattr(args, "force", False) and not getattr(args, "resume", False):
+        raise UserError("--force only applies with --resume; drop it, or add --resume")
+    if getattr(args, "resume", False):
+        run_file = out / STATE_DIR / "run.json"
+        if not run_file.is_file():
+            what = "a finished run" if (out / "config.json").exists() else "no interrupted run"
+            raise UserError(f"--resume: {out} holds {what} (no {STATE_DIR}/run.json); drop --resume to start a new run"
+                            + (" (with --overwrite)" if held else ""))
+        try:
+            saved = json.loads(run_file.read_text())["args"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"--resume: {run_file} is corrupt; start a new run with --overwrite") from None
+        changed = {k: [saved.get(k), v] for k, v in run_args(args).items() if saved.get(k) != v}
+        changed.update({k: [v, None] for k, v in saved.items() if k not in run_args(args)})
+        if changed and not args.force:
+            diff = ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in sorted(changed.items()))
+            raise UserError(f"--resume with flags that differ from the interrupted run's ({diff}); rerun with the "
+                            f"original flags, or add --force to continue anyway (recorded in metrics.json)")
+        args.resume_changed = changed
+    elif held and not getattr(args, "overwrite", False):
+        raise UserError(f"--out {out} already holds a run ({held[0]}); pass --overwrite to replace it"
+                        + (", --resume to continue it" if hasattr(args, "resume") else "") + ", or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output directory {out}: {e.strerror}; choose another --out") from None
+    dist.barrier()          # under torchrun: every rank has checked --out before rank 0 writes anything there
     return out
+
+
+def resume_record(args: argparse.Namespace) -> dict:
+    """What metrics.json records about a resumed run (the flags changed under --force), or nothing."""
+    if not getattr(args, "resume", False):
+        return {}
+    return {"resumed": True, "resumed_with_changed_flags": getattr(args, "resume_changed", {})}
+
+
+def run_args(args: argparse.Namespace) -> dict:
+    """The flags that define what a run computes (compared on --resume)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_FREE and k != "resume_changed"}
 
 
 def write_json(path: str | Path, obj) -> None:

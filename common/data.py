@@ -51,6 +51,8 @@ class DataSpec:
 
     @classmethod
     def from_args(cls, a) -> "DataSpec":
+        """The spec of --model/--layer/--dataset/...; a missing or empty text source fails here, before the LM loads."""
+        check_text_source(a.dataset)
         return cls(model=a.model, layer=a.layer, dataset=a.dataset, seq_len=a.seq_len,
                    keep_bos=a.keep_bos, val_fraction=a.val_fraction)
 
@@ -80,6 +82,36 @@ def _wikitext_articles(rows: Iterator[str]) -> Iterator[str]:
         yield "".join(buf).strip()
 
 
+def _has_text(path: str) -> bool:
+    """Whether the file holds any non-whitespace character (reads only until the first one)."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            if block.strip():
+                return True
+    return False
+
+
+def _text_files(dataset: str) -> list[str]:
+    """The .txt files of a local text source; a missing path, no .txt file or only blank text is a UserError."""
+    path = Path(dataset).expanduser()
+    if not path.exists():
+        raise UserError(f"unknown --dataset {dataset!r}: use wikitext-103, wikitext-2, demo, or a path to a "
+                        f".txt file or folder of .txt files")
+    files = sorted(str(f) for f in path.rglob("*.txt")) if path.is_dir() else [str(path)]
+    if not files:
+        raise UserError(f"--dataset {dataset}: the folder holds no .txt files; pass a .txt file or a folder of them")
+    if not any(_has_text(f) for f in files):
+        raise UserError(f"--dataset {dataset}: the text is empty ({len(files)} .txt file{'s' if len(files) > 1 else ''}, "
+                        f"blank lines only); pass a text source whose documents are separated by blank lines")
+    return files
+
+
+def check_text_source(dataset: str) -> None:
+    """Fail early (before any model loads) on a --dataset that iter_documents would refuse."""
+    if dataset not in WIKITEXT and dataset != "demo":
+        _text_files(dataset)
+
+
 def iter_documents(dataset: str, split: str, val_fraction: float) -> Iterator[str]:
     """Documents of one split ('train' or 'validation'), in a fixed order."""
     import datasets
@@ -96,15 +128,9 @@ def iter_documents(dataset: str, split: str, val_fraction: float) -> Iterator[st
         return
     if dataset == "demo":
         from .demo import ensure_demo_model
-        path = ensure_demo_model() / "corpus.txt"
+        files = [str(ensure_demo_model() / "corpus.txt")]
     else:
-        path = Path(dataset).expanduser()
-        if not path.exists():
-            raise UserError(f"unknown --dataset {dataset!r}: use wikitext-103, wikitext-2, demo, or a path to a "
-                            f".txt file or folder of .txt files")
-    files = sorted(str(f) for f in path.rglob("*.txt")) if path.is_dir() else [str(path)]
-    if not files:
-        raise UserError(f"--dataset {dataset}: the folder holds no .txt files")
+        files = _text_files(dataset)
     ds = datasets.load_dataset("text", data_files=files, sample_by="paragraph", split="train")
     want_val = split == "validation"
     n = 0
@@ -430,15 +456,19 @@ def _validated(p: Path, flag: str, width: int | None, acts: torch.Tensor, docs: 
     if acts.ndim != 2:
         raise UserError(f"{flag} {p}: 'activations' has shape {tuple(acts.shape)}; expected 2-D [n_tokens, d_model]")
     if acts.dtype not in ACT_DTYPES:
-        raise UserError(f"{flag} {p}: 'activations' has dtype {acts.dtype}; expected float16, bfloat16 or float32")
+        raise UserError(f"{flag} {p}: 'activations' has dtype {str(acts.dtype).removeprefix('torch.')}; save it as "
+                        f"float16, bfloat16 or float32")
     if width is not None and acts.shape[1] != width:
         raise UserError(f"{flag} {p}: activations have width {acts.shape[1]}, but the model expects d={width}; "
                         f"pass activations from the same layer and model")
     if acts.shape[0] == 0:
         raise UserError(f"{flag} {p}: the file holds no rows")
     for s in range(0, acts.shape[0], 65536):
-        if not torch.isfinite(acts[s:s + 65536]).all():
-            raise UserError(f"{flag} {p}: 'activations' contains NaN or inf (first bad block at row {s}); clean the file")
+        bad = ~torch.isfinite(acts[s:s + 65536])
+        if bad.any():
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise UserError(f"{flag} {p}: 'activations' contains {float(acts[s + row, col])} at row {s + row}, column "
+                            f"{col} (the first non-finite value); remove or fix the rows with NaN or inf")
     if docs is not None and (docs.ndim != 1 or docs.shape[0] != acts.shape[0]):
         raise UserError(f"{flag} {p}: 'doc_ids' must be 1-D with one entry per row")
     return acts, docs

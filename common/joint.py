@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import dist
 from .nfm import NFM, NFMConfig
 from .sae import SAEConfig, TopKSAE, TransposedCode
 
@@ -52,11 +53,11 @@ class JointModel(nn.Module):
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         out, idx, val, picks = self.paths(x, aux=True)
         x_hat = out["sae"] + out["linear"] + out["interaction"]
-        total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        total_var = dist.total_variance(x).clamp_min(1e-12)     # of the global batch under torchrun
         fvu = (x - x_hat).pow(2).sum() / total_var
         aux = self.sae.auxk_loss(picks, x, x_hat, total_var)
         self.sae.track_firing(idx, val, x.shape[0])
-        return fvu + self.sae.cfg.auxk_alpha * aux, {"fvu": fvu.detach(), "auxk": aux.detach()}
+        return dist.scaled_loss(fvu + self.sae.cfg.auxk_alpha * aux, {"fvu": fvu.detach(), "auxk": aux.detach()})
 
     def param_counts(self) -> dict:
         sae = sum(p.numel() for p in self.sae.parameters())

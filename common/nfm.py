@@ -307,7 +307,7 @@ def hidden_all(nfm: NFM, idx: torch.Tensor, val: torch.Tensor, batch: int = 8192
 
 
 def train_nfm(nfm: NFM, idx: torch.Tensor, val: torch.Tensor, r: torch.Tensor, sel: tuple, steps: int,
-              batch_size: int, lr: float, eval_every: int, seed: int):
+              batch_size: int, lr: float, eval_every: int, seed: int, ckpt=None, tag: str = "nfm"):
     """Fit NFM(f) to the residual r by MSE; select the best step on the selection split `sel`=(idx, val, r)."""
     from .metrics import residual_reduction
     from .train import fit
@@ -325,4 +325,5 @@ def train_nfm(nfm: NFM, idx: torch.Tensor, val: torch.Tensor, r: torch.Tensor, s
         return {"val_loss": mse, "val_reduction": residual_reduction(sel[2], pred)}
 
     torch.manual_seed(seed)  # dropout masks
-    return fit(nfm, idx.shape[0], batch_size, steps, lr, step_loss, evaluate, eval_every, seed, "train NFM")
+    return fit(nfm, idx.shape[0], batch_size, steps, lr, step_loss, evaluate, eval_every, seed, "train NFM",
+               ckpt=ckpt, tag=tag)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dist
 from .cli import UserError
 from .train import module_device
 
@@ -189,17 +190,20 @@ class TopKSAE(nn.Module):
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         idx, val, aux = self.encode_with_aux(x)
         x_hat = self.decode(idx, val)
-        total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        total_var = dist.total_variance(x).clamp_min(1e-12)     # of the global batch under torchrun
         fvu = (x - x_hat).pow(2).sum() / total_var
         auxk = self.auxk_loss(aux, x, x_hat, total_var)
         self.track_firing(idx, val, x.shape[0])
-        return fvu + self.cfg.auxk_alpha * auxk, {"fvu": fvu.detach(), "auxk": auxk.detach()}
+        return dist.scaled_loss(fvu + self.cfg.auxk_alpha * auxk, {"fvu": fvu.detach(), "auxk": auxk.detach()})
 
     @torch.no_grad()
     def track_firing(self, idx: torch.Tensor, val: torch.Tensor, n_tokens: int) -> None:
         """Update the tokens-since-last-fired counters that define AuxK's dead latents."""
         fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
         fired[idx[val > 0]] = True
+        if dist.initialized():                       # a latent is alive if it fired on any rank's rows
+            fired = dist.all_reduce_(fired.int(), "max").bool()
+            n_tokens *= dist.world()
         self.since_fired += n_tokens
         self.since_fired[fired] = 0
 
@@ -259,8 +263,10 @@ def reconstruct_all(sae: TopKSAE, x: torch.Tensor, batch: int = 4096) -> torch.T
 
 
 def train_sae(sae: TopKSAE, train_x: torch.Tensor, select_x: torch.Tensor, steps: int, batch_size: int,
-              lr: float, eval_every: int, seed: int, desc: str, optimizer: str = DEFAULT_OPTIMIZER):
-    """Train on normalised rows; select the best step by FVU on select_x. Returns FitResult."""
+              lr: float, eval_every: int, seed: int, desc: str, optimizer: str = DEFAULT_OPTIMIZER,
+              ckpt=None, tag: str = "sae"):
+    """Train on normalised rows; select the best step by FVU on select_x. Returns FitResult.
+    ckpt/tag: training state for --resume (common/train.py TrainCheckpoints)."""
     from .metrics import recon_stats
     from .train import fit
 
@@ -277,14 +283,17 @@ def train_sae(sae: TopKSAE, train_x: torch.Tensor, select_x: torch.Tensor, steps
 
     return fit(sae, train_x.shape[0], batch_size, steps, lr, step_loss, evaluate, eval_every, seed, desc,
                before_step=sae.remove_parallel_grad, after_step=sae.renorm_decoder, optimizer=optimizer,
-               eval_transform=sae.renorm_decoder)
+               eval_transform=sae.renorm_decoder, ckpt=ckpt, tag=tag)
 
 
 def load_sae_checkpoint(path, flag: str = "--sae", kind: str = "sae"):
-    """(sae, normalizer, config) from a part1-style checkpoint folder."""
+    """(sae, normalizer, config) from a part1-style checkpoint folder, or a SAELens TopK folder (common/saelens.py)."""
     from .checkpoint import load
     from .normalize import Normalizer
+    from .saelens import is_saelens_dir, load_saelens   # here, not at the top: saelens imports this module
 
+    if kind == "sae" and is_saelens_dir(path):
+        return load_saelens(path, flag)
     tensors, cfg = load(path, kind, flag)
     sae = TopKSAE.from_tensors({k: v for k, v in tensors.items() if not k.startswith(("norm.", "init."))}, cfg["hparams"])
     return sae, Normalizer.from_tensors(tensors, cfg["normalize"]), cfg

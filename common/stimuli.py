@@ -380,7 +380,7 @@ def bucket_token_ids(buckets: WordBuckets, tokenizer, multi_token: str = "first"
             words = [e["word"] for e in report if e["bucket"] == cell_key_str(k)]
             raise StimulusError(f"{buckets.source or buckets.name}: bucket {cell_key_str(k)!r} has no usable token "
                                 f"left (words {words[:5]}{'...' if len(words) > 5 else ''}: multi-token, unknown or "
-                                f"shared with another bucket); add single-token words or use multi_token='first'")
+                                f"shared with another bucket); add single-token words or use multi_token='first' (--multi-token first)")
     return ids, report
 
 

@@ -60,7 +60,7 @@ def test_explain_and_score_with_a_fake_transport(pipeline, tmp_path, monkeypatch
             assert b"SECRET123" not in p.read_bytes(), p
     # a rerun is served from the cache: no new request
     itf.main(["--sae", str(pipeline / "p1"), "--features", *map(str, feats), "--docs", "60", "--n-examples", "8",
-              "--n-score", "5", "--out", str(out)], http_client=client)
+              "--n-score", "5", "--out", str(out), "--overwrite"], http_client=client)
     assert len(seen) == 2 * len(feats)
     assert json.loads((out / "metrics.json").read_text())["claude_cache_hits"] == 2 * len(feats)
 
