@@ -73,12 +73,11 @@ class TrainCheckpoints:
     --resume). Nothing is written before the first save, and `finish()` deletes it all once the stage's results
     are written. Only rank 0 writes under torchrun."""
 
-    def __init__(self, out: str | Path, args, every: int | None = None):
+    def __init__(self, out: str | Path, args):
         self.root = Path(out) / STATE_DIR
-        self.every = every if every is not None else getattr(args, "checkpoint_every", None)
+        self.every = getattr(args, "checkpoint_every", None)
         self.resume = bool(getattr(args, "resume", False))
         self.args = run_args(args)
-        self.changed = getattr(args, "resume_changed", {}) or {}
         self._started = self.resume            # a fresh run clears a stale train_state/ at its first save
 
     def folder(self, tag: str) -> Path:
@@ -86,7 +85,6 @@ class TrainCheckpoints:
 
     def save(self, tag: str, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         from .checkpoint import atomic_save_tensors, atomic_write_bytes
-        from . import dist
         if not dist.is_main():
             return
         if not self._started:
@@ -116,7 +114,6 @@ class TrainCheckpoints:
         return None
 
     def finish(self) -> None:
-        from . import dist
         if dist.is_main():
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -305,6 +302,15 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
                 g["lr"] = lr if schedule_free else lr * lr_factor(step, steps)
             model.train()
             loss, logs = run_step(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if before_step is not None:
+                before_step()
+            opt.step()
+            if after_step is not None:
+                after_step()
+            # checked after the step, where the logs sync anyway (no extra host sync before backward); the
+            # non-finite step is never saved, so the state on disk is the last good one
             loss_value = float(loss.detach())
             if world > 1:       # every rank must take the same decision to stop (NaN anywhere, or a signal)
                 flags = dist.all_reduce_(torch.tensor([float(not math.isfinite(loss_value)),
@@ -318,13 +324,6 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
                         if last_saved is not None else "nothing was saved")
                 raise UserError(f"{desc}: the loss became {loss_value} at step {step + 1} of {steps}; training "
                                 f"stopped and {kept}; lower --lr or check the activations for extreme values")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if before_step is not None:
-                before_step()
-            opt.step()
-            if after_step is not None:
-                after_step()
             for k, v in logs.items():
                 running[k] = running.get(k, 0.0) + float(v)
             running["_n"] = running.get("_n", 0) + 1

@@ -30,10 +30,16 @@ def tiny_lm(tiny_demo):
     return model, tok
 
 
+def script_env(env_remove: tuple = (), threads: int = 2) -> dict:
+    """The environment stage scripts run in under the tests: unbuffered, no progress bars, fixed thread count."""
+    env = {k: v for k, v in os.environ.items() if k not in env_remove}
+    env.update({"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads)})
+    return env
+
+
 def run_script(script: str, *args: str, check: bool = True, env_remove: tuple = ()) -> subprocess.CompletedProcess:
     """Run a stage script as a subprocess (as a researcher would), from the project root."""
-    env = {k: v for k, v in os.environ.items() if k not in env_remove}
-    env.update({"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2"})
+    env = script_env(env_remove)
     proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:

@@ -17,13 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, script_env
 
 
 def _torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           str(ROOT / script), *args], cwd=ROOT, env=script_env(threads=1), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, f"{script} under torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -104,11 +104,10 @@ def test_stages_without_ddp_refuse_torchrun(pipeline, tmp_path):
 
 
 def test_batch_that_does_not_split_over_ranks_is_refused(acts, tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(ROOT / "part1_train_topk_sae.py"), "--activations", str(acts), "--batch-size", "255",
-                           "--steps", "2", "--out", str(tmp_path / "x")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+                           "--steps", "2", "--out", str(tmp_path / "x")], cwd=ROOT, env=script_env(threads=1),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "error: --batch-size 255 does not split over 2 processes; use a multiple of 2" in proc.stderr
     assert not (tmp_path / "x").exists()

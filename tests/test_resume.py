@@ -9,7 +9,6 @@ The same CPU kernels on the same thread count are deterministic, so every later 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 
 from common import cli
 from common.train import TrainCheckpoints, fit
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, script_env
 
 STEPS = 300
 
@@ -44,12 +43,6 @@ def _part1_args(acts: Path, out: Path) -> list[str]:
             "--steps", str(STEPS), "--eval-every", "25", "--checkpoint-every", "20", "--out", str(out)]
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update({"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2"})
-    return env
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
@@ -58,8 +51,9 @@ def reference(tmp_path_factory):
     return acts, tmp / "ref"
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "part1_train_topk_sae.py"), *args], cwd=ROOT, env=_env(),
+def _start(args: list[str], script: str = "part1_train_topk_sae.py") -> subprocess.Popen:
+    """Start a stage script in the background (to be killed partway)."""
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=script_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -235,8 +229,7 @@ def test_part2_killed_in_its_second_model_resumes_both_identically(reference, tm
             "--steps", "150", "--eval-every", "30", "--checkpoint-every", "10"]
     run_script("part2_train_residual_nfm.py", *args, "--out", str(tmp_path / "ref"))
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "part2_train_residual_nfm.py"), *args, "--out", str(out)],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start([*args, "--out", str(out)], "part2_train_residual_nfm.py")
     _wait_for_state(proc, out / "train_state" / "residual_sae", 20)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
