@@ -5,7 +5,7 @@
 PY := .venv/bin/python
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test validate setup clean
+.PHONY: demo test validate setup clean demo-seeds
 setup: .venv/.installed
 
 .venv/.installed: requirements.txt
@@ -39,9 +39,13 @@ demo: .venv/.installed
 test: .venv/.installed-test
 	$(PY) -m pytest -q tests
 
+# the demo's headline figures over seeds 0 1 2: mean and range (README "Results on the demo")
+demo-seeds: .venv/.installed
+	$(PY) bench/demo_seeds.py
+
 # planted-ground-truth validation (README: "Does the method find interactions that are not there?")
 validate: .venv/.installed
 	$(PY) validate_planted_interactions.py --overwrite
 
 clean:
-	rm -rf $(STAGES) checkpoints/activation_cache
+	rm -rf $(STAGES) checkpoints/activation_cache checkpoints/seeds

@@ -3,16 +3,22 @@ activating contexts in held-out text, then score the explanation by detection on
 
   explain  contexts of +-8 tokens around tokens where the feature fires, the firing token marked <<so>>,
            sampled evenly from --quantiles activation bins (strongest to weakest), from the first half of
-           the held-out documents; Claude returns a one-sentence explanation
-  score    --n-score activating and --n-score non-activating contexts from the *other* half of the held-out
-           documents, shuffled; Claude, given only the explanation, answers 1/0 per context; accuracy,
-           precision, recall and F1 of those answers
+           the documents read; Claude returns a one-sentence explanation
+  score    --n-score activating and --n-score non-activating contexts from the *other* half of those
+           documents, shuffled; Claude, given only the explanation, answers 1/0 per context, matched to the
+           excerpts by number (a missing or unparseable answer is counted as missing, never shifted);
+           accuracy, precision, recall and F1 over the answered excerpts, and the number missing
+The documents are the first --docs documents of the *test half* of the held-out split (common/data.py
+heldout_half), never the selection half that picked the models' best steps; their indices are recorded.
+Features come through the same code path as the stages (SAE code of the normalised activation, then the
+NFM hidden layer and the secondary SAE for --kind secondary; --joint for the joint model's features).
 The key is read from ANTHROPIC_API_KEY only; without it the script stops with one line before loading any
 model and writes nothing. Responses are cached on disk (common/claude.py), so a rerun is free.
 
 Demo (after part1-part3; needs a key and network):
     python interpret_features.py --features 1035 785 --out checkpoints/interpret
     python interpret_features.py --kind secondary --features 806 --out checkpoints/interpret_secondary
+    python interpret_features.py --joint checkpoints/part5_joint --kind secondary --secondary checkpoints/part3_secondary_sae_joint --features 12 --out checkpoints/interpret_joint
 Paper setup:
     python interpret_features.py --preset paper --sae checkpoints/paper/part1_sae --features 21781 21607 --out checkpoints/paper/interpret
 
@@ -27,13 +33,12 @@ import time
 import numpy as np
 import torch
 
-from common import checkpoint, cli
+from common import cli
 from common.claude import DEFAULT_MODEL, ClaudeClient, require_api_key
-from common.data import DataSpec, batch_sequences, iter_documents, iter_sequences, keep_mask
+from common.data import DataSpec, batch_sequences, iter_test_half_sequences, keep_mask
 from common.hooks import collect
 from common.models import load_model
-from common.nfm import load_nfm_checkpoint
-from common.sae import load_sae_checkpoint, load_secondary_checkpoint
+from common.loading import load_model_path
 
 SYSTEM = ("You interpret features of a sparse autoencoder trained on a language model's activations. "
           "Be concrete and brief.")
@@ -45,12 +50,16 @@ def build_parser():
     cli.add_common_args(p, "checkpoints/interpret")
     p.add_argument("--sae", default="checkpoints/part1_sae", help="part1 output folder (default: checkpoints/part1_sae)")
     p.add_argument("--kind", choices=["primary", "secondary"], default="primary", help="feature space (default: primary)")
+    p.add_argument("--joint", default=None,
+                   help="part5 output folder: interpret the joint model's features instead (its SAE replaces --sae; "
+                        "for --kind secondary, --secondary must be a part3 --joint run)")
     p.add_argument("--nfm", default="checkpoints/part2_nfm", help="part2 folder, for --kind secondary (default: checkpoints/part2_nfm)")
     p.add_argument("--secondary", default="checkpoints/part3_secondary_sae",
                    help="part3 folder, for --kind secondary (default: checkpoints/part3_secondary_sae)")
     p.add_argument("--features", type=int, nargs="+", required=True, help="feature indices to interpret")
     p.add_argument("--claude-model", default=DEFAULT_MODEL, help=f"Claude model id (default: {DEFAULT_MODEL})")
-    p.add_argument("--docs", type=int, default=400, help="held-out documents to mine (default: 400)")
+    p.add_argument("--docs", type=int, default=400,
+                   help="held-out documents to mine, all from the test half (default: 400)")
     p.add_argument("--n-examples", type=int, default=20, help="contexts shown to explain a feature (default: 20)")
     p.add_argument("--quantiles", type=int, default=4, help="activation bins the examples are drawn from (default: 4)")
     p.add_argument("--n-score", type=int, default=10, help="activating and non-activating contexts each for scoring (default: 10)")
@@ -67,16 +76,16 @@ def context(tok, ids: list[int], pos: int) -> str:
 
 
 @torch.no_grad()
-def mine(model, tok, spec, encode_feature, features, n_docs, batch_size):
-    """For every token of the first n_docs held-out documents: (doc, seq ids, pos, activation of each feature)."""
+def mine(model, tok, spec, encode_feature, n_docs, batch_size):
+    """For every token of the first n_docs test-half held-out documents: (slot, seq index, pos, activation of
+    each feature); slot numbers those documents 0..n_docs-1. Also returns the documents' held-out indices."""
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    seqs = []
-    for s, d in iter_sequences(tok, iter_documents(spec.dataset, "validation", spec.val_fraction), spec.seq_len):
-        if d >= n_docs:
-            break
-        seqs.append((s, d))
-    records = []                                                          # (doc, seq index, pos, acts[len(features)])
+    seqs, doc_ids = [], {}
+    for s, slot, di in iter_test_half_sequences(tok, spec, n_docs):
+        seqs.append((s, slot))
+        doc_ids[slot] = di
+    records = []                                                          # (slot, seq index, pos, acts[len(features)])
     for b in range(0, len(seqs), batch_size):
         chunk = seqs[b:b + batch_size]
         ids, mask = batch_sequences([c[0] for c in chunk], pad)
@@ -86,17 +95,35 @@ def mine(model, tok, spec, encode_feature, features, n_docs, batch_size):
         where = keep.nonzero().cpu()
         for (r, pos), a in zip(where.tolist(), acts.cpu().numpy()):
             records.append((chunk[r][1], b + r, pos, a))
-    return seqs, records
+    return seqs, records, [doc_ids[s] for s in sorted(doc_ids)]
 
 
-def parse_answers(text: str, n: int) -> list[int]:
-    """The scorer's 1/0 answers, one per numbered context ('3: 1' or a plain list); missing answers count 0."""
-    found = dict((int(i), int(v)) for i, v in re.findall(r"(\d+)\s*[:.)-]\s*([01])\b", text))
-    if len(found) < n:
-        bits = re.findall(r"\b[01]\b", text)
-        if len(bits) >= n:
-            return [int(x) for x in bits[:n]]
-    return [found.get(i + 1, 0) for i in range(n)]
+def parse_answers(text: str, n: int) -> list[int | None]:
+    """The scorer's 1/0 answer for each of the n numbered excerpts, matched by the excerpt's number ('3: 1',
+    '3. 0', '3) 1', '3 - 0'); None where an answer is missing, unparseable, out of range or given twice with
+    different values. A reply with no numbered answer at all is read by position only if it is exactly n
+    lines of a bare 0 or 1. Never positional otherwise: one missing line must not shift the later answers."""
+    found: dict[int, set[int]] = {}
+    for i, v in re.findall(r"(?m)^\s*(\d+)\s*[:.)-]\s*([01])\b", text):
+        found.setdefault(int(i), set()).add(int(v))
+    if not found:
+        bare = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+        if len(bare) == n and all(b in ("0", "1") for b in bare):
+            return [int(b) for b in bare]
+    return [next(iter(found[i + 1])) if len(found.get(i + 1, ())) == 1 else None for i in range(n)]
+
+
+def detection_scores(truth: np.ndarray, answers: list[int | None]) -> dict:
+    """Accuracy, precision, recall and F1 over the answered excerpts; missing answers are counted, not guessed."""
+    ok = np.array([a is not None for a in answers])
+    pred = np.array([a if a is not None else -1 for a in answers])
+    t, p = truth[ok], pred[ok]
+    tp, fp, fn = int(((p == 1) & (t == 1)).sum()), int(((p == 1) & (t == 0)).sum()), int(((p == 0) & (t == 1)).sum())
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    return {"accuracy": float((p == t).mean()) if ok.any() else float("nan"), "precision": prec, "recall": rec,
+            "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0, "n_activating": int(truth.sum()),
+            "n_non_activating": int((1 - truth).sum()), "n_answered": int(ok.sum()), "n_missing": int((~ok).sum())}
 
 
 def main(argv=None, http_client=None):
@@ -104,17 +131,11 @@ def main(argv=None, http_client=None):
     require_api_key()                                     # before any model work; nothing written without it
     cli.seed_everything(args.seed)
     t0 = time.time()
-    sae, norm, sae_cfg = load_sae_checkpoint(args.sae)
-    spec = DataSpec.from_description(sae_cfg["data"])
-    if spec is None:
-        raise cli.UserError(f"--sae {args.sae} was trained on an activation file; interpretation needs its LM and text")
-    if args.kind == "secondary":
-        nfm, nfm_cfg = load_nfm_checkpoint(args.nfm, sae_cfg)
-        sec, unorm, sec_cfg = load_secondary_checkpoint(args.secondary)
-        checkpoint.check_parent(sec_cfg, "nfm", nfm_cfg, "--secondary", "--nfm")
-        n_feat = sec.cfg.n_latents
-    else:
-        n_feat = sae.cfg.n_latents
+    secondary = args.kind == "secondary"
+    mp = load_model_path("interpretation", sae=args.sae, joint=args.joint, nfm=args.nfm if secondary else None,
+                         secondary=args.secondary if secondary else None)
+    sae, norm, nfm, sec, unorm, spec = mp.sae, mp.norm, mp.nfm, mp.sec, mp.unorm, mp.spec
+    n_feat = (sec if args.kind == "secondary" else sae).cfg.n_latents
     bad = [f for f in args.features if not 0 <= f < n_feat]
     if bad:
         raise cli.UserError(f"--features {bad} out of range: the {args.kind} SAE has {n_feat} latents (0..{n_feat - 1}); "
@@ -126,17 +147,18 @@ def main(argv=None, http_client=None):
     feats = torch.tensor(args.features)
 
     def encode_feature(h):
-        idx, val = sae.encode(norm.encode(h.cpu()))
+        idx, val = sae.encode(norm.encode(h.cpu()))                   # the same per-batch code path as the stages
         if args.kind == "secondary":
             idx, val = sec.encode(unorm.encode(nfm.hidden(idx, val)))
         dense = torch.zeros(idx.shape[0], n_feat).scatter_(1, idx, val)
         return dense[:, feats]
 
-    seqs, records = mine(model, tok, spec, encode_feature, args.features, args.docs, args.lm_batch_size)
+    seqs, records, doc_ids = mine(model, tok, spec, encode_feature, args.docs, args.lm_batch_size)
     rng = random.Random(args.seed)
     n_found = 1 + max((r[0] for r in records), default=-1)
     if n_found < 2:
-        raise cli.UserError(f"the held-out text of {spec.dataset} gave {n_found} documents; need at least 2 (explain / score)")
+        raise cli.UserError(f"the held-out test half of {spec.dataset} gave {n_found} documents; need at least 2 "
+                            f"(explain / score)")
     half = n_found // 2                                   # explain on the first half of the documents, score on the rest
     explain_prompts, plan = [], []
     for j, f in enumerate(args.features):
@@ -176,21 +198,16 @@ def main(argv=None, http_client=None):
     (out / "prompts").mkdir(exist_ok=True)
     for p, e, ep, sp, ans in zip(plan, explanations, explain_prompts, score_prompts, answers):
         truth = np.array(p["score_truth"])
-        pred = np.array(parse_answers(ans, len(truth)))
-        tp, fp = int(((pred == 1) & (truth == 1)).sum()), int(((pred == 1) & (truth == 0)).sum())
-        fn = int(((pred == 0) & (truth == 1)).sum())
-        prec = tp / (tp + fp) if tp + fp else 0.0
-        rec = tp / (tp + fn) if tp + fn else 0.0
-        scores[str(p["feature"])] = {"accuracy": float((pred == truth).mean()), "precision": prec, "recall": rec,
-                                     "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
-                                     "n_activating": int(truth.sum()), "n_non_activating": int((1 - truth).sum())}
+        scores[str(p["feature"])] = detection_scores(truth, parse_answers(ans, len(truth)))
         expl[str(p["feature"])] = {"explanation": e.strip(), "examples": p["examples"]}
         (out / "prompts" / f"{p['feature']}_explain.txt").write_text(ep + "\n\n--- response ---\n" + e + "\n")
         (out / "prompts" / f"{p['feature']}_score.txt").write_text(sp + "\n\n--- response ---\n" + ans + "\n")
     cli.write_json(out / "explanations.json", expl)
     cli.write_json(out / "scores.json", scores)
     cli.write_json(out / "metrics.json", {
-        "stage": "interpret_features", "kind": args.kind, "claude_model": args.claude_model, "scores": scores,
+        "stage": "interpret_features", "kind": args.kind, "model_path": "joint" if args.joint else "sequential",
+        "claude_model": args.claude_model, "scores": scores,
+        "documents": {"half": "test (common/data.py heldout_half)", "explain": doc_ids[:half], "score": doc_ids[half:n_found]},
         "claude_requests": client.n_requests, "claude_cache_hits": client.n_cache_hits, "claude_retries": client.n_retries,
         "definitions": __doc__.split("Demo")[0].strip(), "seconds": time.time() - t0})
     for f, s in scores.items():

@@ -24,11 +24,11 @@ from __future__ import annotations
 import time
 
 from common import checkpoint, cli, dist, plots
-from common.data import DataSpec, get_activations
+from common.data import DataSpec, get_activations, heldout_documents, split_selection_test
 from common.metrics import recon_stats
 from common.normalize import MODES, Normalizer
 from common.sae import DEFAULT_OPTIMIZER, OPTIMIZERS, SAEConfig, TopKSAE, default_dead_tokens, default_lr, train_sae
-from common.train import TrainCheckpoints, split_selection_test
+from common.train import TrainCheckpoints
 
 
 def build_parser():
@@ -98,6 +98,7 @@ def main(argv=None):
                       float((sae.since_fired >= dead_tokens).float().mean()), "seconds": time.time() - t0,
                   **cli.resume_record(args)},
         "data": acts.description,
+        "held_out_documents": heldout_documents(acts.val_docs),
         "history": fitres.history,
     }
     checkpoint.save(out, "sae", {**sae.tensors(), **norm.tensors(), "init.sq_norm": init_sq_norm}, {

@@ -6,7 +6,9 @@ interaction path (bi-interaction pooling -> dropout -> MLP), see common/nfm.py. 
 at the K it was trained with.
 
 Reported on held-out documents, as relative reduction of residual MSE (1 - ||r - r_hat||^2 / ||r||^2):
-  - the trained NFM with both paths, the linear path alone, and the interaction path alone (ablations);
+  - the trained NFM with both paths, the linear path alone and the interaction path alone: the other path
+    mean-ablated (replaced by its mean output on training tokens, which is saved with the NFM and used by
+    every later stage), and, as a labelled second figure, zero-ablated;
   - the control `--baseline residual_sae`: a secondary TopK SAE trained on r (r -> r_hat) with at least
     as many parameters as the NFM.
 
@@ -29,12 +31,13 @@ import time
 
 
 from common import checkpoint, cli, dist, plots
-from common.data import DataSpec, get_activations
+from common.data import DataSpec, get_activations, split_selection_test
 from common.metrics import recon_stats, residual_reduction
-from common.nfm import NFM, NFMConfig, predict, train_nfm
+from common.nfm import PATHS, NFM, NFMConfig, combine_paths, predict, train_nfm
+from common.loading import load_sae_checkpoint
 from common.sae import (SAEConfig, TopKSAE, codes_and_residuals, default_dead_tokens, default_lr,
-                        load_sae_checkpoint, reconstruct_all, train_sae)
-from common.train import TrainCheckpoints, module_device, split_selection_test
+                        reconstruct_all, train_sae)
+from common.train import TrainCheckpoints, module_device
 
 
 def build_parser():
@@ -85,18 +88,8 @@ def main(argv=None):
     fitres = train_nfm(nfm, *train, sel, steps, args.batch_size, args.lr, cli.eval_every(args, steps), args.seed, ckpt=ckpt)
 
     r_test = test[2]
-    # Ablations of the trained model. Primary: mean-ablation, the removed path replaced by its mean output
-    # on training tokens (removes what the path says about *this* token but keeps its constant offset, which
-    # the two paths' biases can split arbitrarily). Also reported: zero-ablation (the path deleted).
-    lin, inter = predict(nfm, test[0], test[1], ("linear",)), predict(nfm, test[0], test[1], ("interaction",))
-    lin_mean = predict(nfm, train[0], train[1], ("linear",)).mean(0)
-    inter_mean = predict(nfm, train[0], train[1], ("interaction",)).mean(0)
-    reduction = {"both": residual_reduction(r_test, lin + inter),
-                 "linear_only": residual_reduction(r_test, lin + inter_mean),
-                 "interaction_only": residual_reduction(r_test, inter + lin_mean)}
-    reduction_zero = {"linear_only": residual_reduction(r_test, lin),
-                      "interaction_only": residual_reduction(r_test, inter)}
-    pred = {"both": lin + inter, "linear_only": lin, "interaction_only": inter}
+    nfm.set_path_means(train[0], train[1])              # saved with the NFM: every later stage mean-ablates with it
+    reduction = path_ablations(nfm, test[0], test[1], r_test)
     sae_test = recon_stats(sae, x_test)
     x_hat_test = x_test - r_test
     metrics = {
@@ -104,22 +97,22 @@ def main(argv=None):
         "held_out_test": {
             "n_tokens": int(r_test.shape[0]),
             "residual_mse_zero_prediction": float(r_test.pow(2).mean()),
-            "residual_reduction": reduction,
-            "residual_reduction_zero_ablation": reduction_zero,
+            "residual_reduction": reduction["residual_reduction"],
             "sae_fvu": sae_test["fvu"],
-            "sae_plus_nfm_fvu": float((x_test - x_hat_test - pred["both"]).pow(2).sum()
+            "sae_plus_nfm_fvu": float((x_test - x_hat_test - reduction["prediction"]).pow(2).sum()
                                       / (x_test - x_test.mean(0)).pow(2).sum()),
-            "linear_magnitude": float(pred["linear_only"].abs().mean()),
-            "interaction_magnitude": float(pred["interaction_only"].abs().mean()),
+            "magnitude": reduction["magnitude"],
         },
         "definitions": "residual_reduction = 1 - sum||r - r_hat||^2 / sum||r||^2 on held-out documents not used "
-                       "for training or model selection; linear_only / interaction_only are ablations of the "
-                       "trained NFM: the other path replaced by its mean output on training tokens "
-                       "(residual_reduction) or deleted (residual_reduction_zero_ablation); magnitudes = "
-                       "mean |component| (as the original study)",
+                       "for training or model selection. '<path>_only[mean_ablation]': the other path replaced by its "
+                       "mean output on training tokens (the headline ablation: the paths carry constant offsets "
+                       "that cancel); '[zero_ablation]': the other path deleted (measures the constant too). "
+                       "magnitude[mean_ablation] = mean |path - its training mean|, what the path says about the "
+                       "token; magnitude[zero_ablation] = mean |path| (as the original study)",
         "params": nfm.param_counts(),
         "train": {"steps": steps, "best_step": fitres.best_step, "lr": args.lr, "batch_size": args.batch_size,
-                  "train_tokens": int(train[0].shape[0]), **cli.resume_record(args)},
+                  "train_tokens": int(train[0].shape[0]), "path_mean_tokens": int(nfm.mean_tokens),
+                  **cli.resume_record(args)},
         "data": acts.description,
         "history": fitres.history,
     }
@@ -129,7 +122,9 @@ def main(argv=None):
             "hparams": nfm.hparams(), "data": acts.description, "train": metrics["train"], "seed": args.seed,
             "parents": {"sae": sae_ref}})
 
-    labels, values = ["NFM both", "linear only", "interaction only"], [reduction[k] for k in pred]
+    rr = reduction["residual_reduction"]
+    labels = ["NFM both", "linear only\n[mean_ablation]", "interaction only\n[mean_ablation]"]
+    values = [rr["both"], rr["linear_only[mean_ablation]"], rr["interaction_only[mean_ablation]"]]
     if args.baseline == "residual_sae":
         metrics["baseline_residual_sae"] = residual_sae_control(args, nfm, sae, train[2], sel[2], r_test, out, sae_ref,
                                                                 acts.description, ckpt)
@@ -142,11 +137,27 @@ def main(argv=None):
     pngs = [plots.training_curves(fitres.history, ["loss"], out / "training_curves.png",
                                   f"NFM on the SAE residual (dim {cfg.dim})", fitres.best_step),
             plots.bars(labels, values, out / "residual_reduction.png",
-                       f"held-out residual reduction ({r_test.shape[0]} tokens; ablations: other path mean-ablated)",
+                       f"held-out residual reduction ({r_test.shape[0]} tokens; '[mean_ablation]': the other path "
+                       f"replaced by its training mean)",
                        "1 - MSE(r - r_hat) / MSE(r)")]
-    print("held-out residual reduction: " + "  ".join(f"{l}: {v:.4f}" for l, v in zip(labels, values)))
+    print("held-out residual reduction: " + "  ".join(f"{l.replace(chr(10), ' ')}: {v:.4f}" for l, v in zip(labels, values)))
     ckpt.finish()
     cli.report(out, out / "metrics.json", pngs)
+
+
+def path_ablations(nfm, idx, val, r) -> dict:
+    """Residual reduction of the whole NFM and of each path alone, the other path mean-ablated (headline) or
+    zero-ablated (labelled second figure), and each path's output magnitude both ways, on held-out codes."""
+    lin, inter = predict(nfm, idx, val, ("linear",)), predict(nfm, idx, val, ("interaction",))
+    out = {"linear": lin, "interaction": inter}
+    reduction = {"both": residual_reduction(r, lin + inter)}
+    magnitude = {}
+    for path in PATHS:
+        for how in ("mean", "zero"):
+            reduction[f"{path}_only[{how}_ablation]"] = residual_reduction(r, combine_paths(out, (path,), nfm, how))
+            centre = nfm.path_mean(path) if how == "mean" else 0
+            magnitude[f"{path}[{how}_ablation]"] = float((out[path] - centre).abs().mean())
+    return {"residual_reduction": reduction, "magnitude": magnitude, "prediction": lin + inter}
 
 
 def residual_sae_control(args, nfm, sae, r_train, r_sel, r_test, out, sae_ref, data_desc, ckpt) -> dict:

@@ -28,14 +28,15 @@ import time
 import torch
 
 from common import checkpoint, cli, plots
-from common.data import DataSpec, get_activations
+from common.data import DataSpec, get_activations, split_selection_test
 from common.metrics import recon_stats, residual_reduction
 from common.joint import load_joint_checkpoint
 from common.nfm import NFM, hidden_all
 from common.normalize import MODES, Normalizer
-from common.sae import (DEFAULT_OPTIMIZER, OPTIMIZERS, SAEConfig, TopKSAE, codes_and_residuals, default_dead_tokens, default_lr,
-                        load_sae_checkpoint, reconstruct_all, train_sae)
-from common.train import TrainCheckpoints, batched, module_device, split_selection_test
+from common.loading import load_sae_checkpoint
+from common.sae import (DEFAULT_OPTIMIZER, OPTIMIZERS, SAEConfig, TopKSAE, codes_and_residuals,
+                        default_dead_tokens, default_lr, reconstruct_all, train_sae)
+from common.train import TrainCheckpoints, batched, module_device
 
 
 def build_parser():

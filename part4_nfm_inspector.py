@@ -2,7 +2,9 @@
 
   - per primary feature: Gini, effective rank and L0 of its embedding row v_i and of its linear weights
     W_lin[i] (definitions in common/featurestats.py);
-  - linear vs interaction share of the NFM output magnitude on held-out tokens;
+  - linear vs interaction share of the NFM output magnitude on held-out tokens, each path minus its mean
+    output on training tokens (mean-ablation: the paths carry constant offsets that cancel), and of the raw
+    outputs as a labelled second figure ('[zero_ablation]');
   - the top contributors of each path on held-out tokens and their overlap;
   - the top interaction partners of --feature N, ranked by the learned pair effect
     ||NFM(N, j) - NFM(N) - NFM(j) + NFM()|| at typical activations, weighted by how often N and j are
@@ -23,13 +25,13 @@ import time
 import torch
 
 from common import checkpoint, cli, plots
-from common.data import DataSpec, get_activations
+from common.data import DataSpec, get_activations, split_selection_test
 from common.featurestats import coactivation, effective_rank, feature_contributions, gini, l0, top_overlap
 from common.groundtruth import typical_values
 from common.joint import load_joint_checkpoint
-from common.nfm import NFM, predict
-from common.sae import encode_all, load_sae_checkpoint
-from common.train import split_selection_test
+from common.nfm import NFM, PATHS, predict
+from common.loading import load_sae_checkpoint
+from common.sae import encode_all
 
 
 def build_parser():
@@ -57,6 +59,23 @@ def load_models(args):
     return NFM.from_tensors(t, nfm_cfg["hparams"]), sae, norm, sae_cfg["data"], "sequential", None
 
 
+def output_shares(nfm, idx, val) -> dict:
+    """The linear path's share of the NFM output, by magnitude (mean |.|) and energy (sum of squares), on
+    held-out codes: '[mean_ablation]' measures each path minus its mean output on training tokens, i.e. what
+    the path says about the token (the headline: the paths carry constant offsets that cancel);
+    '[zero_ablation]' measures the raw outputs, offsets included."""
+    out = {}
+    for how in ("mean", "zero"):
+        mag, en = {}, {}
+        for path in PATHS:
+            y = predict(nfm, idx, val, (path,)) - (nfm.path_mean(path) if how == "mean" else 0)
+            mag[path], en[path] = float(y.abs().mean()), float(y.pow(2).sum())
+        out[f"linear_share_of_output_magnitude[{how}_ablation]"] = mag["linear"] / (mag["linear"] + mag["interaction"])
+        out[f"linear_share_of_output_energy[{how}_ablation]"] = en["linear"] / (en["linear"] + en["interaction"])
+        out[f"mean_abs_linear[{how}_ablation]"], out[f"mean_abs_interaction[{how}_ablation]"] = mag["linear"], mag["interaction"]
+    return out
+
+
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part4")
     cli.seed_everything(args.seed)
@@ -78,9 +97,7 @@ def main(argv=None):
     acts = get_activations(args, DataSpec.from_description(data_desc), width=sae.cfg.d, parent=data_desc)
     _, (x_test,) = split_selection_test(norm.encode(acts.val), acts.val_docs)
     idx, val = encode_all(sae, x_test)
-    lin, inter = predict(nfm, idx, val, ("linear",)), predict(nfm, idx, val, ("interaction",))
-    mag_l, mag_q = float(lin.abs().mean()), float(inter.abs().mean())
-    en_l, en_q = float(lin.pow(2).sum()), float(inter.pow(2).sum())
+    shares = output_shares(nfm, idx, val)
     contrib = feature_contributions(nfm, idx, val, n, W_dec.to(device) if W_dec is not None else None)
     feature = args.feature if args.feature is not None else int(contrib["interaction"].argmax())
     typical = typical_values(idx, val, n)
@@ -97,12 +114,7 @@ def main(argv=None):
 
     metrics = {
         "stage": "part4_nfm_inspector", "model": kind, "checkpoint": args.joint or args.nfm or "checkpoints/part2_nfm",
-        "held_out_test": {
-            "n_tokens": int(idx.shape[0]),
-            "linear_share_of_output_magnitude": mag_l / (mag_l + mag_q),
-            "mean_abs_linear": mag_l, "mean_abs_interaction": mag_q,
-            "linear_share_of_output_energy": en_l / (en_l + en_q),
-        },
+        "held_out_test": {"n_tokens": int(idx.shape[0]), **shares},
         "weights": {name: {"gini_mean": float(v["gini"].mean()), "effective_rank_mean": float(v["effective_rank"].mean()),
                            "l0_mean": float(v["l0"].float().mean()), "length": v["length"],
                            "highest_gini": [{"feature": int(i), "gini": float(v["gini"][i])}
@@ -127,8 +139,9 @@ def main(argv=None):
                                                                              for j in top_partners]},
                              out / "top_features.png")]
     h = metrics["held_out_test"]
-    print(f"{kind} NFM: linear share of output magnitude {h['linear_share_of_output_magnitude']:.1%} "
-          f"(energy {h['linear_share_of_output_energy']:.1%}); top-{min(args.top, n)} contributor overlap "
+    print(f"{kind} NFM: linear share of output magnitude {h['linear_share_of_output_magnitude[mean_ablation]']:.1%} "
+          f"(energy {h['linear_share_of_output_energy[mean_ablation]']:.1%}; each path minus its training mean; "
+          f"raw outputs: {h['linear_share_of_output_magnitude[zero_ablation]']:.1%}); top-{min(args.top, n)} contributor overlap "
           f"{metrics['top_contributors']['overlap']['shared']}; partners of feature {feature}: "
           + ", ".join(str(j) for j in top_partners[:5]))
     cli.report(out, out / "metrics.json", pngs)

@@ -1,13 +1,20 @@
 """part6: splice each trained model into the LM at the layer it was trained on and measure, on held-out
 documents, how far the next-token distribution moves (KL) and how much the loss rises (CE).
 
-Variants (the layer-L residual at every non-BOS, non-pad position replaced; BOS is left untouched and every
-statistic excludes it): identity (must give KL 0), the sequential SAE alone, SAE + NFM linear, SAE + NFM
-interaction, SAE + full NFM, the joint model's same four, the part5 parameter-matched standalone SAE,
-zero ablation, mean ablation (the training-set mean activation). Every reconstruction is computed through
-the normalisation saved with its model and mapped back to the LM's units.
+Documents: the first --docs documents of the *test half* of the held-out split (common/data.py heldout_half),
+never the selection half that picked the models' best steps, never training text; their indices are
+recorded in metrics.json ("evaluated_documents").
 
-Baselines, per variant v (ablations included) with per-token error e_v = ||x - x_hat_v||:
+Variants (the layer-L residual at every non-BOS, non-pad position replaced; BOS is left untouched and every
+statistic excludes it): identity (must give KL 0), the sequential SAE alone, SAE + full NFM, SAE + one NFM
+path, the joint model with all paths and with its SAE path plus none or one NFM path, the part5
+parameter-matched standalone SAE, zero ablation and mean ablation of the whole activation (the training-set
+mean activation). A removed NFM path is mean-ablated, replaced by its mean output on training tokens (saved
+with the NFM): '...[mean_ablation]', the headline, since the two paths carry constant offsets that cancel;
+'...[zero_ablation]', the path deleted, is a labelled second figure (without random baselines). Every
+reconstruction is computed through the normalisation saved with its model and mapped back to the LM's units.
+
+Baselines, per variant v (whole-activation ablations included) with per-token error e_v = ||x - x_hat_v||:
   eps_random  x + e_v * u, u uniform on the unit sphere (Gurnee 2024)
   cov_random  x + e_v * z/||z||, z ~ N(0, Sigma_v), Sigma_v the covariance of v's errors on training tokens
 Per variant: KL(P_orig || P_spliced) per token, CE and delta-CE, CE-loss score against zero ablation
@@ -24,6 +31,7 @@ Writes to --out: metrics.json, kl.csv, kl_bars.png, kl_histograms.png.
 from __future__ import annotations
 
 import csv
+import itertools
 import time
 from pathlib import Path
 
@@ -32,16 +40,20 @@ import torch
 from tqdm.auto import tqdm
 
 from common import cli, plots
-from common.data import DataSpec, batch_sequences, cached_activations, iter_documents, iter_sequences, keep_mask, model_fingerprint
+from common.data import (DataSpec, batch_sequences, cached_activations, iter_test_half_sequences, keep_mask,
+                         model_fingerprint)
 from common.hooks import splice
 from common.joint import load_joint_checkpoint
 from common.models import load_model, resolve_model_path
-from common.nfm import load_nfm_checkpoint
-from common.sae import load_sae_checkpoint
+from common.nfm import PATHS, combine_paths, load_nfm_checkpoint
+from common.loading import load_sae_checkpoint
 from common.stats import paired_difference, ratio_of_sums_ci
 
-COMPARISONS = [("sae+nfm", "sae"), ("sae+nfm_linear", "sae"), ("sae+nfm_interaction", "sae"),
-               ("joint_full", "joint_sae"), ("joint_sae+linear", "joint_sae"), ("joint_sae+interaction", "joint_sae"),
+# (a, b): a vs b on the same tokens. '[mean_ablation]': the removed NFM path replaced by its mean output on
+# training tokens (the headline); '[zero_ablation]': deleted (a labelled second figure).
+COMPARISONS = [("sae+nfm", "sae"), ("sae+nfm_linear[mean_ablation]", "sae"), ("sae+nfm_interaction[mean_ablation]", "sae"),
+               ("joint_full", "joint_sae[mean_ablation]"), ("joint_sae+linear[mean_ablation]", "joint_sae[mean_ablation]"),
+               ("joint_sae+interaction[mean_ablation]", "joint_sae[mean_ablation]"),
                ("joint_full", "sae+nfm"), ("joint_full", "standalone_sae"), ("sae", "eps_random[sae]")]
 
 
@@ -53,7 +65,8 @@ def build_parser():
                    help="part2 output folder; '' to skip the sequential NFM variants (default: checkpoints/part2_nfm)")
     p.add_argument("--joint", default="checkpoints/part5_joint",
                    help="part5 output folder; '' to skip the joint variants (default: checkpoints/part5_joint)")
-    p.add_argument("--docs", type=int, default=200, help="held-out documents to evaluate (default: 200)")
+    p.add_argument("--docs", type=int, default=200,
+                   help="held-out documents to evaluate, all from the test half (default: 200)")
     p.add_argument("--lm-batch-size", type=int, default=32, help="sequences per LM forward pass (default: 32)")
     p.add_argument("--cov-tokens", type=int, default=20_000,
                    help="training tokens used for the mean activation and the error covariances (default: 20000)")
@@ -76,15 +89,19 @@ class Spliceable:
         x_hat, idx, val = self.sae(x)
         out = {"sae": x_hat}
         if self.nfm is not None:
-            lin, inter = self.nfm.linear(idx, val), self.nfm.interaction(idx, val)
-            out.update({"sae+nfm_linear": x_hat + lin, "sae+nfm_interaction": x_hat + inter, "sae+nfm": x_hat + lin + inter})
+            paths = {"linear": self.nfm.linear(idx, val), "interaction": self.nfm.interaction(idx, val)}
+            out["sae+nfm"] = x_hat + paths["linear"] + paths["interaction"]
+            for keep in PATHS:
+                for how in ("mean", "zero"):
+                    out[f"sae+nfm_{keep}[{how}_ablation]"] = x_hat + combine_paths(paths, (keep,), self.nfm, how)
         rec = {k: self.norm.decode(v) for k, v in out.items()}
         if self.joint is not None:
             paths, _, _ = self.joint.paths(self.joint_norm.encode(h))
-            s, lin, inter = paths["sae"], paths["linear"], paths["interaction"]
-            for name, v in (("joint_sae", s), ("joint_sae+linear", s + lin), ("joint_sae+interaction", s + inter),
-                            ("joint_full", s + lin + inter)):
-                rec[name] = self.joint_norm.decode(v)
+            rec["joint_full"] = self.joint_norm.decode(paths["sae"] + paths["linear"] + paths["interaction"])
+            for name, keep in (("joint_sae", ("sae",)), ("joint_sae+linear", ("sae", "linear")),
+                               ("joint_sae+interaction", ("sae", "interaction"))):
+                for how in ("mean", "zero"):
+                    rec[f"{name}[{how}_ablation]"] = self.joint_norm.decode(combine_paths(paths, keep, self.joint.nfm, how))
         if self.base is not None:
             rec["standalone_sae"] = self.base_norm.decode(self.base(self.base_norm.encode(h))[0])
         return rec
@@ -97,7 +114,8 @@ def covariance_factors(sp: Spliceable, x_train: torch.Tensor, mean_act: torch.Te
         h = x_train[s:s + 4096]
         recs = {**sp.reconstructions(h), **ablations(h, mean_act)}
         for name, rec in recs.items():
-            errs.setdefault(name, []).append((h - rec).double())
+            if not name.endswith("[zero_ablation]"):                    # second figures get no baselines
+                errs.setdefault(name, []).append((h - rec).double())
     out = {}
     for name, parts in errs.items():
         e = torch.cat(parts)
@@ -164,29 +182,20 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    seqs = iter_sequences(tok, iter_documents(spec.dataset, "validation", spec.val_fraction), spec.seq_len)
+    seqs = iter_test_half_sequences(tok, spec, args.docs)           # test-half held-out documents only
     sums: dict[str, dict[str, np.ndarray]] = {}
     n_kl, n_ce = np.zeros(args.docs), np.zeros(args.docs)
+    doc_ids = np.full(args.docs, -1)
     kl_samples: dict[str, list] = {}
-    bar = tqdm(total=args.docs, desc="KL/CE on held-out documents", unit="doc")
-    batch, done = [], False
-    seq_iter = iter(seqs)
-    while not done:
-        batch = []
-        for s in seq_iter:
-            if s[1] >= args.docs:
-                done = True
-                break
-            batch.append(s)
-            if len(batch) == args.lm_batch_size:
-                break
-        else:
-            done = True
+    bar = tqdm(total=args.docs, desc="KL/CE on held-out test-half documents", unit="doc")
+    while True:
+        batch = list(itertools.islice(seqs, args.lm_batch_size))
         if not batch:
             break
         ids, mask = batch_sequences([b[0] for b in batch], pad)
         ids, mask = ids.to(device), mask.to(device)
-        docs = torch.tensor([b[1] for b in batch])
+        docs = torch.tensor([b[1] for b in batch])                             # slot 0..docs-1 of each sequence
+        doc_ids[docs.numpy()] = [b[2] for b in batch]
         keep = keep_mask(tok, mask, spec.keep_bos).to(device)                   # [batch, pos]
         has_next = torch.zeros_like(keep)
         has_next[:, :-1] = mask[:, 1:].bool()
@@ -203,6 +212,8 @@ def main(argv=None):
         recs = {**sp.reconstructions(h_keep), **ablations(h_keep, mean_act)}
         replacements = {"identity": h_keep, **recs}
         for name, rec in recs.items():
+            if name.endswith("[zero_ablation]"):
+                continue                                                        # a second figure: no baselines
             replacements[f"eps_random[{name}]"] = random_error(h_keep, rec, None, gen)
             replacements[f"cov_random[{name}]"] = random_error(h_keep, rec, chol[name], gen)
         nxt = torch.zeros_like(ids)
@@ -234,7 +245,7 @@ def main(argv=None):
     if n_docs < 2:
         raise cli.UserError("fewer than 2 held-out documents were found; use a larger text source or --docs")
     used = n_kl > 0
-    n_kl, n_ce = n_kl[used], n_ce[used]
+    n_kl, n_ce, doc_ids = n_kl[used], n_ce[used], doc_ids[used]
     for v in sums.values():
         v["kl"], v["ce"] = v["kl"][used], v["ce"][used]
 
@@ -259,7 +270,9 @@ def main(argv=None):
                    for a, b in COMPARISONS if a in sums and b in sums}
     metrics = {"stage": "part6_kl_divergence", "variants": results, "paired_comparisons": comparisons,
                "n_documents": n_docs, "n_tokens_kl": int(n_kl.sum()), "n_tokens_ce": int(n_ce.sum()),
-               "layer": spec.layer, "model": spec.model, "dataset": spec.dataset, "split": "validation (held out by document)",
+               "layer": spec.layer, "model": spec.model, "dataset": spec.dataset,
+               "split": "validation (held out by document), test half only (common/data.py heldout_half)",
+               "evaluated_documents": doc_ids.tolist(),
                "definitions": __doc__.split("Demo")[0].strip(), "seconds": time.time() - t0,
                "inputs": {"sae": args.sae, "nfm": args.nfm if nfm is not None else None,
                           "joint": args.joint if joint is not None else None}}

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from common import cli, plots
-from common.data import DataSpec, get_activations
+from common.data import DataSpec, get_activations, split_selection_test
 from common.featurestats import corr_with_ci, feature_contributions, gmm_bic, max_abs_cosine
 from common.joint import load_joint_checkpoint
-from common.sae import encode_all, load_sae_checkpoint
-from common.train import split_selection_test
+from common.loading import load_sae_checkpoint
+from common.sae import encode_all
 from safetensors import safe_open
 
 

@@ -2,9 +2,9 @@
 what it reports when there are none.
 
 Synthetic activations (common/synthetic.py): n_true feature directions in superposition plus planted pair
-interactions g(a_i, a_j) u_ij, and null data with the same features, activations and co-occurrence but
-nothing planted. The sequential workflow (part1 -> part2, each run through its own main()) is trained in two
-settings:
+interactions g(a_i, a_j) u_ij, decoy pairs that co-occur as often but carry no interaction, and null data
+with the same features, activations and co-occurrence but nothing planted. The sequential workflow (part1 ->
+part2, each run through its own main()) is trained in two settings:
   realistic       the primary SAE is fitted to the same data it then encodes (it may absorb the interaction);
   no_absorption   the primary SAE is fitted to the null data, so it cannot have absorbed it;
 and the joint workflow (part5) on the same data, its SAE path in the primary SAE's role;
@@ -14,7 +14,8 @@ separates failures of the NFM from failures of the SAE. Each is run on planted a
 Reported on held-out rows never used for training or model selection (definitions in common/groundtruth.py):
 absorbed by the SAE / left in the residual, recovered by the NFM interaction path / whole NFM / the
 parameter-matched residual-SAE control, residual MSE reduction with its excess over null, decoder match,
-and the ranking (AUC, precision@|P|) of the planted pairs by the NFM's pair strength.
+and the ranking (AUC, precision@|P|) of the planted pairs against the decoys by the NFM's pair strength
+(pair_AUC; against all pairs too, in results.json, but that one rewards co-occurrence).
 
     python validate_planted_interactions.py                      # about 4 minutes on 2 CPU cores
     python validate_planted_interactions.py --d 128 --n-true 512 # the harder, more superposed setting
@@ -33,11 +34,11 @@ import part1_train_topk_sae as part1
 import part2_train_residual_nfm as part2
 import part5_joint_sae_nfm as part5
 from common import checkpoint, cli, groundtruth, plots, synthetic
-from common.data import load_activation_file, split_rows
+from common.data import load_activation_file, split_rows, split_selection_test
 from common.joint import load_joint_checkpoint, path_outputs
-from common.nfm import NFM, NFMConfig, predict, train_nfm
-from common.sae import TopKSAE, codes_and_residuals, load_sae_checkpoint, reconstruct_all
-from common.train import split_selection_test
+from common.loading import load_sae_checkpoint
+from common.nfm import NFM, NFMConfig, combine_paths, predict, train_nfm
+from common.sae import TopKSAE, codes_and_residuals, reconstruct_all
 
 
 def build_parser():
@@ -61,6 +62,9 @@ def build_parser():
 
 
 def run_stage(mod, argv: list[str]) -> None:
+    """Run a stage in this process; its --out lies inside ours, which --overwrite (checked once, on our own
+    --out) has already allowed us to replace."""
+    argv = [*argv, "--overwrite"]
     print(f"\n$ python {mod.__name__}.py {' '.join(argv)}")
     mod.main(argv)
 
@@ -90,18 +94,19 @@ def evaluate_pipeline(sae_dir, nfm_dir, data_dir, reference, truth) -> dict:
     absorbed = groundtruth.share(norm.encode(x) - r, p)          # the SAE reconstruction's projection onto p
     latent_of, cos = groundtruth.match_latents(sae.W_dec.detach() * norm.scale, truth["directions"])
     m = json.loads(open(f"{nfm_dir}/metrics.json").read())
+    rr = m["held_out_test"]["residual_reduction"]
     return {
         "absorbed_by_sae": absorbed, "left_in_residual": left,
         "planted_share_of_x": groundtruth.share(norm.encode(x), p),   # = absorbed + left (about 1 on planted data)
         "recovered": {"nfm_interaction": groundtruth.share(inter, p), "nfm_whole": groundtruth.share(whole, p),
                       "residual_sae_control": groundtruth.share(ctl_hat, p)},
-        "residual_reduction": {"nfm": m["held_out_test"]["residual_reduction"]["both"],
-                               "nfm_interaction_only": m["held_out_test"]["residual_reduction"]["interaction_only"],
+        "residual_reduction": {"nfm": rr["both"], "nfm_interaction_only": rr["interaction_only[mean_ablation]"],
                                "residual_sae_control": m["baseline_residual_sae"]["residual_reduction"]},
         "params": {"nfm": m["params"]["total"], "residual_sae_control": m["baseline_residual_sae"]["params"]},
         "decoder_match_mean_max_cosine": float(cos.mean()),
-        "pair_ranking": groundtruth.pair_ranking(nfm, latent_of, truth["pairs"], truth["directions"].shape[0],
-                                                 groundtruth.typical_values(idx, val, sae.cfg.n_latents)),
+        "pair_ranking": groundtruth.pair_ranking(nfm, latent_of,
+                                                 groundtruth.typical_values(idx, val, sae.cfg.n_latents),
+                                                 truth["pairs"], truth["decoy_pairs"], truth["true_acts"]),
         "n_test_rows": int(rows.numel()),
     }
 
@@ -123,17 +128,21 @@ def evaluate_joint(joint_dir, data_dir, reference, truth) -> dict:
         "recovered": {"nfm_interaction": groundtruth.share(o["interaction"], p),
                       "nfm_linear": groundtruth.share(o["linear"], p), "nfm_whole": groundtruth.share(nfm_out, p)},
         "residual_reduction": {"nfm": 1 - float((r - nfm_out).pow(2).sum() / r.pow(2).sum()),
-                               "nfm_interaction_only": 1 - float((r - o["interaction"]).pow(2).sum() / r.pow(2).sum())},
+                               # the linear path mean-ablated (its training mean), as part2 reports the sequential NFM
+                               "nfm_interaction_only": 1 - float((r - combine_paths(o, ("interaction",), model.nfm)).pow(2).sum()
+                                                                 / r.pow(2).sum())},
         "fvu_full": float((x - o["sae"] - nfm_out).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
         "decoder_match_mean_max_cosine": float(cos.mean()),
-        "pair_ranking": groundtruth.pair_ranking(model.nfm, latent_of, truth["pairs"], truth["directions"].shape[0],
-                                                 groundtruth.typical_values(idx, val, model.sae.cfg.n_latents)),
+        "pair_ranking": groundtruth.pair_ranking(model.nfm, latent_of,
+                                                 groundtruth.typical_values(idx, val, model.sae.cfg.n_latents),
+                                                 truth["pairs"], truth["decoy_pairs"], truth["true_acts"]),
         "n_test_rows": int(rows.numel()),
     }
 
 
-def run_oracle(data_dir, reference, truth_of_data, pairs, args) -> dict:
-    """NFM on the true activations, target x - sum_i a_i d_i; scored on the same held-out test rows."""
+def run_oracle(data_dir, reference, truth_of_data, truth_planted, args) -> dict:
+    """NFM on the true activations, target x - sum_i a_i d_i; scored on the same held-out test rows, and on
+    the planted data's pairs and decoys."""
     acts, docs = load_activation_file(f"{data_dir}/activations.safetensors", "--activations")
     (tr, _), (val, vdocs) = split_rows(acts, docs)
     n_tr, n = tr.shape[0], acts.shape[0]
@@ -152,8 +161,9 @@ def run_oracle(data_dir, reference, truth_of_data, pairs, args) -> dict:
     p = reference[test_rows]
     return {"recovered": {"nfm_interaction": groundtruth.share(inter, p), "nfm_whole": groundtruth.share(whole, p)},
             "r2_of_planted": groundtruth.r2(whole, p),
-            "pair_ranking": groundtruth.pair_ranking(nfm, torch.arange(a.shape[1]), pairs, a.shape[1],
-                                                     groundtruth.typical_values(idx[:n_tr], val_c[:n_tr], a.shape[1]))}
+            "pair_ranking": groundtruth.pair_ranking(nfm, torch.arange(a.shape[1]),
+                                                     groundtruth.typical_values(idx[:n_tr], val_c[:n_tr], a.shape[1]),
+                                                     truth_planted["pairs"], truth_planted["decoy_pairs"], a)}
 
 
 def table(results: dict) -> list[list]:
@@ -225,13 +235,18 @@ def main(argv=None):
     # with the SAE fitted to null data, the null run of both settings is the same pipeline
     results["no_absorption"]["null"] = results["realistic"]["null"]
     for data, data_dir, truth in (("planted", planted_dir, truth_p), ("null", null_dir, truth_n)):
-        results["oracle"][data] = run_oracle(data_dir, reference, truth, truth_p["pairs"], args)
+        results["oracle"][data] = run_oracle(data_dir, reference, truth, truth_p, args)
     for setting in ("realistic", "no_absorption", "joint"):
         r = results[setting]
         r["excess_over_null"] = {k: r["planted"]["residual_reduction"][k] - r["null"]["residual_reduction"][k]
                                  for k in r["planted"]["residual_reduction"]}
         left = r["planted"]["left_in_residual"]
         r["nfm_recovered_share_of_what_was_left"] = r["planted"]["recovered"]["nfm_whole"] / left
+    # pair_AUC's negatives are the decoys; their co-activation rate (true activations, the same in every run)
+    # against the planted pairs' shows that they are matched, and against a random pair's why they must be
+    results["pair_ranking_negatives"] = {"planted_pairs": len(truth_p["pairs"]),
+                                         "decoy_pairs": len(truth_p["decoy_pairs"]),
+                                         "coactive_rate": results["oracle"]["planted"]["pair_ranking"]["coactive_rate"]}
 
     rows = table(results)
     header = ["setting", "method"] + [f"{d}:{c}" for d in ("planted", "null") for c in COLS]
@@ -255,6 +270,12 @@ def main(argv=None):
         ctl = f", residual-SAE control {ex['residual_sae_control']:+.3f}" if "residual_sae_control" in ex else ""
         print(f"{setting}: excess residual reduction over null: NFM {ex['nfm']:+.3f}{ctl}; NFM recovered "
               f"{results[setting]['nfm_recovered_share_of_what_was_left']:.2f} of what the SAE (path) left in the residual")
+    neg = results["pair_ranking_negatives"]
+    co, oracle_null = neg["coactive_rate"], results["oracle"]["null"]["pair_ranking"]
+    print(f"pair_AUC: {neg['planted_pairs']} planted pairs vs {neg['decoy_pairs']} decoys (chance 0.5 +- "
+          f"{oracle_null['auc_chance_sd']:.2f}), co-active in {co['planted']:.2%} vs {co['decoys']:.2%} of rows (a "
+          f"random pair {co['all_pairs']:.2%}); oracle on null data against all pairs instead: "
+          f"{oracle_null['auc_vs_all_pairs']:.2f}")
     seq, jnt = results["realistic"]["planted"]["recovered"]["nfm_whole"], results["joint"]["planted"]["recovered"]["nfm_whole"]
     results["joint_vs_sequential_total_recovered"] = {"sequential_realistic": seq, "joint": jnt}
     print(f"share of the total planted interaction recovered by the NFM paths: joint {jnt:.3f} vs sequential {seq:.3f}")

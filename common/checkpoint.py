@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .cli import UserError
+from .errors import UserError
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

@@ -54,7 +54,7 @@ from typing import Any, Callable
 
 import anthropic
 
-from common.cli import UserError
+from .errors import UserError
 
 DEFAULT_MODEL = "claude-sonnet-4-6"
 API_KEY_ENV = "ANTHROPIC_API_KEY"

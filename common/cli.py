@@ -18,17 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import Interrupted, UserError  # noqa: F401  (scripts raise cli.UserError)
 
 DEFAULT_TRAIN_TOKENS = 100_000   # demo-scale budgets when collecting from an LM
 DEFAULT_VAL_TOKENS = 20_000
-
-
-class UserError(Exception):
-    """A problem with the user's input. The message names the problem and the fix, on one line."""
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM during training, after the training state was saved; the message says how to resume."""
 
 
 def run_main(main) -> None:

@@ -159,6 +159,21 @@ def iter_sequences(tokenizer, docs: Iterator[str], seq_len: int) -> Iterator[tup
             yield ([bos] + piece if bos is not None else piece), di
 
 
+def iter_test_half_sequences(tokenizer, spec: "DataSpec", n_docs: int) -> Iterator[tuple[list[int], int, int]]:
+    """(token ids, slot, document index) for the sequences of the first n_docs *test-half* held-out documents
+    (`heldout_half`): slot counts those documents 0..n_docs-1, the document index is its place in the
+    held-out stream (the doc_ids of the activation cache). What part6 and interpret_features evaluate."""
+    slot = 0
+    for di, doc in enumerate(iter_documents(spec.dataset, "validation", spec.val_fraction)):
+        if slot == n_docs:
+            return
+        if heldout_half(di) != "test":
+            continue
+        for ids, _ in iter_sequences(tokenizer, [doc], spec.seq_len):
+            yield ids, slot, di
+        slot += 1
+
+
 def batch_sequences(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input_ids and attention_mask, both [batch, pos]."""
     T = max(len(s) for s in seqs)
@@ -472,6 +487,46 @@ def _validated(p: Path, flag: str, width: int | None, acts: torch.Tensor, docs: 
     if docs is not None and (docs.ndim != 1 or docs.shape[0] != acts.shape[0]):
         raise UserError(f"{flag} {p}: 'doc_ids' must be 1-D with one entry per row")
     return acts, docs
+
+
+# ----------------------------------------------------------------------- the two held-out halves
+#
+# Held-out documents are halved once, by document: the *selection* half picks every best step (and nothing
+# else); the *test* half gives every reported figure. A document's half is a hash of its index in the held-out
+# stream, so it does not depend on how many tokens a stage collects: part6 and interpret_features, which read
+# held-out text themselves, read exactly the test-half documents the training stages report on, at any --docs.
+
+def heldout_half(doc_id: int) -> str:
+    """'selection' or 'test' for the held-out document with this index (stable, about half each)."""
+    return "test" if zlib.crc32(f"heldout-doc-{int(doc_id)}".encode()) & 1 else "selection"
+
+
+def in_test_half(docs: torch.Tensor) -> torch.Tensor:
+    """Which rows [n] belong to test-half documents, for per-row document indices docs [n]."""
+    ids = torch.unique(docs)
+    is_test = torch.tensor([heldout_half(int(i)) == "test" for i in ids], dtype=torch.bool)
+    return is_test[torch.searchsorted(ids, docs)]
+
+
+def split_selection_test(x: torch.Tensor, docs: torch.Tensor | None, *more: torch.Tensor):
+    """Split held-out rows into a selection half and a test half: ((x, *more) of selection-half documents,
+    (x, *more) of test-half documents) by `heldout_half`. Without document indices (an activation file with
+    no doc_ids), or when the documents all fall in one half, the first and second half of the rows."""
+    n = x.shape[0]
+    test = in_test_half(docs) if docs is not None and n > 1 else None
+    if test is None or bool(test.all()) or not bool(test.any()):
+        test = torch.arange(n) >= (n // 2 if n > 1 else 0)
+    sel = ~test
+    return (x[sel],) + tuple(m[sel] for m in more), (x[test],) + tuple(m[test] for m in more)
+
+
+def heldout_documents(docs: torch.Tensor | None) -> dict:
+    """The held-out document indices of each half, as recorded in metrics.json (provenance of every figure)."""
+    if docs is None:
+        return {"split": "first / second half of the held-out rows (no document indices)"}
+    ids = torch.unique(docs).tolist()
+    return {"split": "by document: common/data.py heldout_half", "selection": [i for i in ids if heldout_half(i) == "selection"],
+            "test": [i for i in ids if heldout_half(i) == "test"]}
 
 
 def split_rows(acts: torch.Tensor, docs: torch.Tensor | None, val_fraction: float = 0.1):

@@ -1,15 +1,28 @@
-"""The embedded demo: a generated English-like corpus and a tiny Llama trained on it, built locally.
+"""The embedded demo: a generated English-like corpus and a tiny Llama trained on it, shipped with the project.
 
 Why: the pipeline must run end to end with no network and no GPU, on exactly the code path a real model
 (OpenLLaMA-3B) takes. So this module trains a 4.2M-parameter `LlamaForCausalLM` plus a byte-level BPE
-tokenizer (about 95 s on 2 idle CPU cores; loss 7.6 -> 1.45 nats/token, unigram entropy 5.6) and saves them
-as a normal Hugging Face folder, loadable with `AutoModelForCausalLM.from_pretrained(dir)` /
-`AutoTokenizer.from_pretrained(dir)`. The build is deterministic (same weights on every run).
+tokenizer (250 steps, about 3 min of one CPU core; loss 7.6 -> 1.45 nats/token, unigram entropy 5.6) and
+saves them as a normal Hugging Face folder, loadable with `AutoModelForCausalLM.from_pretrained(dir)` /
+`AutoTokenizer.from_pretrained(dir)`. The build always trains exactly `steps` steps, on `threads` (1) torch
+threads: nothing in it depends on how fast or busy the machine is, nor on its core count or OMP_NUM_THREADS
+(wall time is recorded in demo_build.json as information only), so the same config on the same machine
+gives byte-identical files.
 
-    python -m common.demo [--out DIR] [--tiny] [--force]      # default DIR: <project>/checkpoints/demo
+The default build is shipped in the repository, in common/demo_lm/ (config.json, model.safetensors,
+generation_config.json, the tokenizer files, demo_build.json), so every machine starts from the same
+weights: another CPU's float kernels (AVX2 vs AVX-512, ...) could otherwise give other weights, and every
+downstream figure with them. `ensure_demo_model` (and so `--model demo`, `--dataset demo`, `make demo`)
+copies the shipped files into checkpoints/demo and writes the pipeline corpus next to them, in about a
+second, instead of training; a checkpoints/demo whose files differ from the shipped ones (a local rebuild)
+is replaced by them. Other configs (the tiny test preset) are built by training.
+
+    python -m common.demo [--out DIR] [--tiny]     # ensure DIR (default <project>/checkpoints/demo) holds the build
+    python -m common.demo --force [--out DIR]      # rebuild by training (~3 min), e.g. to check it reproduces
+    python -m common.demo --ship                   # rebuild the default config and refresh common/demo_lm/
 
 The folder holds config.json, model.safetensors, the tokenizer files, demo_build.json (build config,
-final loss, wall time) and the pipeline corpus corpus.txt / corpus.jsonl.
+losses, steps done, wall time) and the pipeline corpus corpus.txt / corpus.jsonl.
 
 The corpus
 ----------
@@ -39,17 +52,21 @@ The LM trains on documents generated with `lm_seed` (0); the pipeline corpus wri
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import math
 import os
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DEMO_DIR = PROJECT_ROOT / "checkpoints" / "demo"
+SHIPPED_DIR = PROJECT_ROOT / "common" / "demo_lm"   # the tracked default build (no corpus: it is regenerated)
+CORPUS_FILES = ("corpus.txt", "corpus.jsonl")
 BUILD_FILE = "demo_build.json"
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 
@@ -420,16 +437,17 @@ class DemoConfig:
     steps: int = 250
     lr: float = 3e-3
     warmup_steps: int = 20
-    # Wall-clock cap on training, a safety net only: idle, 250 steps take ~80 s on 2 cores, but another
-    # torch process on the same cores can slow each step >10x (thread oversubscription).
-    max_train_seconds: float = 300.0
+    # torch intra-op threads during the build: CPU reductions split by thread count, so 1 and 2 threads give
+    # different weights. Fixed here, the weights no longer depend on OMP_NUM_THREADS or the number of cores
+    # (and one thread is not slowed by another torch process on the same cores, as two are).
+    threads: int = 1
 
     @classmethod
     def tiny(cls) -> "DemoConfig":
         """For tests: builds in ~5 s on 2 idle cores (~30 s when another torch process shares them)."""
         return cls(n_lm_docs=800, n_corpus_docs=200, vocab_size=512, n_layers=2, hidden=64, n_heads=2,
                    intermediate=172, max_positions=128, seq_len=64, batch_size=16, steps=60, lr=5e-3,
-                   warmup_steps=5, max_train_seconds=60.0)
+                   warmup_steps=5)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int):
@@ -480,114 +498,133 @@ def _unigram_entropy(stream: list[int]) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def _sibling(out: Path, what: str) -> Path:
+    """A fresh hidden folder name next to `out` (the name only; nothing inside a build depends on it)."""
+    return out.parent / f".{out.name}.{what}-{os.getpid()}-{time.time_ns()}"
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Replace `out` by the complete folder `tmp`. os.replace cannot overwrite a non-empty folder, so the old
+    one is moved aside first; a reader sees the old folder or the new one, never a partial one."""
+    old = None
+    if out.exists():
+        old = _sibling(out, "old")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _make_readable(folder: Path) -> None:
+    for f in folder.iterdir():  # transformers 5 writes model.safetensors 0600; make the folder uniformly readable
+        f.chmod(0o644)
+
+
+@contextmanager
+def _staged_folder(out: Path, what: str):
+    """A fresh temporary sibling of `out` to fill; once filled, made readable and swapped into place, so no
+    reader ever sees a partial folder; removed if filling fails."""
+    tmp = _sibling(out, what)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        _make_readable(tmp)
+        _swap_into_place(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_demo_model(out_dir: str | Path, config: DemoConfig | None = None, quiet: bool = False) -> dict:
-    """Builds into a temporary sibling folder, then swaps it into place; returns the demo_build.json dict."""
+    """Trains exactly `config.steps` steps into a temporary sibling folder, then swaps it into place; returns
+    the demo_build.json dict. The weights depend on the config (and the CPU's float arithmetic) only."""
     import torch
     from tqdm.auto import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = config or DemoConfig()
     out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}-{time.time_ns()}"
     t0 = time.time()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
     try:
-        tmp.mkdir()
-        lm_texts = [r["text"] for r in generate_documents(cfg.n_lm_docs, cfg.lm_seed)]
-        tok = train_tokenizer(lm_texts, cfg.vocab_size, cfg.max_positions)
-        data, stream = _pack(tok, lm_texts, cfg.seq_len)
+        with _staged_folder(out, "building") as tmp:
+            lm_texts = [r["text"] for r in generate_documents(cfg.n_lm_docs, cfg.lm_seed)]
+            tok = train_tokenizer(lm_texts, cfg.vocab_size, cfg.max_positions)
+            data, stream = _pack(tok, lm_texts, cfg.seq_len)
 
-        torch.manual_seed(cfg.seed)
-        mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-                           num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                           num_key_value_heads=cfg.n_heads, max_position_embeddings=cfg.max_positions,
-                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-        model = LlamaForCausalLM(mcfg)
-        n_params = sum(p.numel() for p in model.parameters())
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
+            torch.manual_seed(cfg.seed)
+            mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+                               num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                               num_key_value_heads=cfg.n_heads, max_position_embeddings=cfg.max_positions,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+            model = LlamaForCausalLM(mcfg)
+            n_params = sum(p.numel() for p in model.parameters())
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
 
-        def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
-            if step < cfg.warmup_steps:
-                return cfg.lr * (step + 1) / cfg.warmup_steps
-            frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-            return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+            def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
+                if step < cfg.warmup_steps:
+                    return cfg.lr * (step + 1) / cfg.warmup_steps
+                frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+                return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
 
-        gen = torch.Generator().manual_seed(cfg.seed)
-        order = torch.randperm(len(data), generator=gen)
-        losses: list[float] = []
-        model.train()
-        t_train = time.time()
-        bar = tqdm(range(cfg.steps), desc="demo LM", disable=quiet, leave=False)
-        hit_cap = False
-        for step in bar:
-            if time.time() - t_train > cfg.max_train_seconds:
-                hit_cap = True
-                break
-            pos = (step * cfg.batch_size) % len(data)
-            idx = order[pos:pos + cfg.batch_size]
-            if len(idx) < cfg.batch_size:  # epoch boundary: reshuffle
-                order = torch.randperm(len(data), generator=gen)
-                idx = order[:cfg.batch_size]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            batch = data[idx]
-            loss = model(input_ids=batch, labels=batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        bar.close()
-        train_seconds = time.time() - t_train
+            gen = torch.Generator().manual_seed(cfg.seed)
+            order = torch.randperm(len(data), generator=gen)
+            losses: list[float] = []
+            model.train()
+            t_train = time.time()
+            bar = tqdm(range(cfg.steps), desc="demo LM", disable=quiet, leave=False)
+            for step in bar:        # every step, however long it takes: no wall-clock stop
+                pos = (step * cfg.batch_size) % len(data)
+                idx = order[pos:pos + cfg.batch_size]
+                if len(idx) < cfg.batch_size:  # epoch boundary: reshuffle
+                    order = torch.randperm(len(data), generator=gen)
+                    idx = order[:cfg.batch_size]
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step)
+                batch = data[idx]
+                loss = model(input_ids=batch, labels=batch).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.close()
+            train_seconds = time.time() - t_train
 
-        # Held-out loss on the pipeline corpus (a different seed): the generalisation the SAE stages rely on.
-        model.eval()
-        pipe_docs = generate_documents(cfg.n_corpus_docs, cfg.corpus_seed)
-        held, _ = _pack(tok, [r["text"] for r in pipe_docs[:200]], cfg.seq_len)
-        with torch.no_grad():
-            eval_loss = model(input_ids=held[:64], labels=held[:64]).loss.item() if len(held) else float("nan")
+            # Held-out loss on the pipeline corpus (a different seed): the generalisation the SAE stages rely on.
+            model.eval()
+            pipe_docs = generate_documents(cfg.n_corpus_docs, cfg.corpus_seed)
+            held, _ = _pack(tok, [r["text"] for r in pipe_docs[:200]], cfg.seq_len)
+            with torch.no_grad():
+                eval_loss = model(input_ids=held[:64], labels=held[:64]).loss.item() if len(held) else float("nan")
 
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        write_corpus(tmp, cfg.n_corpus_docs, cfg.corpus_seed)
-        for f in tmp.iterdir():  # transformers 5 writes model.safetensors 0600; make the folder uniformly readable
-            f.chmod(0o644)
-        if hit_cap and not quiet:
-            print(f"warning: training stopped at the {cfg.max_train_seconds:.0f} s cap after {len(losses)} of "
-                  f"{cfg.steps} steps (a busy CPU?); rebuild later with python -m common.demo --force", flush=True)
-        tail = losses[-10:]
-        info = {
-            "config": asdict(cfg),
-            "final_loss": sum(tail) / len(tail),   # mean of the last 10 steps: less noisy than the last one
-            "first_loss": losses[0],
-            "eval_loss": eval_loss,
-            "unigram_entropy": _unigram_entropy(stream),
-            "ln_vocab": math.log(len(tok)),
-            "steps_done": len(losses),
-            "hit_time_cap": hit_cap,
-            "n_params": n_params,
-            "vocab_size": len(tok),
-            "train_tokens": len(losses) * cfg.batch_size * cfg.seq_len,
-            "train_seconds": train_seconds,
-            "wall_seconds": time.time() - t0,
-        }
-        # demo_build.json is written last: its presence marks a complete folder.
-        (tmp / BUILD_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-
-        # Swap into place. os.replace cannot overwrite a non-empty folder, so move the old one aside first.
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            write_corpus(tmp, cfg.n_corpus_docs, cfg.corpus_seed)
+            tail = losses[-10:]
+            info = {
+                "config": asdict(cfg),
+                "final_loss": sum(tail) / len(tail),   # mean of the last 10 steps: less noisy than the last one
+                "first_loss": losses[0],
+                "eval_loss": eval_loss,
+                "unigram_entropy": _unigram_entropy(stream),
+                "ln_vocab": math.log(len(tok)),
+                "steps_done": len(losses),
+                "n_params": n_params,
+                "vocab_size": len(tok),
+                "train_tokens": len(losses) * cfg.batch_size * cfg.seq_len,
+                # information only: nothing compares or depends on these two
+                "train_seconds": train_seconds,
+                "wall_seconds": time.time() - t0,
+            }
+            # demo_build.json is written last: its presence marks a complete folder.
+            (tmp / BUILD_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         return info
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        torch.set_num_threads(threads_before)
 
 
 def read_build_info(out_dir: str | Path) -> dict | None:
@@ -597,17 +634,67 @@ def read_build_info(out_dir: str | Path) -> dict | None:
         return None
 
 
+def shipped_files(shipped_dir: str | Path = SHIPPED_DIR) -> list[str]:
+    """Names of the files of the shipped build (everything a build writes except the corpus), sorted."""
+    d = Path(shipped_dir)
+    return sorted(f.name for f in d.iterdir() if f.is_file()) if d.is_dir() else []
+
+
+def _shipped_for(cfg: DemoConfig, shipped_dir: Path) -> bool:
+    """Whether the shipped folder is complete and holds a build of exactly this config."""
+    info = read_build_info(shipped_dir)
+    names = shipped_files(shipped_dir)
+    return (info is not None and info.get("config") == asdict(cfg)
+            and {"config.json", "model.safetensors", BUILD_FILE} <= set(names))
+
+
+def _same_files(a: Path, b: Path, names: list[str]) -> bool:
+    return all((b / n).is_file() and filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+
+
+def materialise_shipped(out_dir: str | Path, shipped_dir: str | Path = SHIPPED_DIR) -> Path:
+    """Copy the shipped build into `out_dir` and write the pipeline corpus next to it (no training): into a
+    temporary sibling folder first, then swapped into place, as a build is."""
+    src, out = Path(shipped_dir), Path(out_dir).resolve()
+    cfg = DemoConfig(**read_build_info(src)["config"])
+    with _staged_folder(out, "copying") as tmp:
+        for name in shipped_files(src):
+            if name != BUILD_FILE:
+                shutil.copyfile(src / name, tmp / name)
+        write_corpus(tmp, cfg.n_corpus_docs, cfg.corpus_seed)
+        shutil.copyfile(src / BUILD_FILE, tmp / BUILD_FILE)   # last, as in a build
+    return out
+
+
+def ship_build(build_dir: str | Path, shipped_dir: str | Path = SHIPPED_DIR) -> Path:
+    """Replace the shipped folder by the build in `build_dir`, without its corpus (regenerated on copy)."""
+    src, dst = Path(build_dir).resolve(), Path(shipped_dir).resolve()
+    with _staged_folder(dst, "shipping") as tmp:
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.name not in CORPUS_FILES:
+                shutil.copyfile(f, tmp / f.name)
+    return dst
+
+
 def ensure_demo_model(out_dir: str | Path = DEFAULT_DEMO_DIR, config: DemoConfig | None = None,
-                      quiet: bool = False) -> Path:
-    """The demo folder, built first if missing, incomplete, or built with another config."""
+                      quiet: bool = False, shipped_dir: str | Path = SHIPPED_DIR) -> Path:
+    """The demo folder, made first if missing, incomplete, or built with another config. A config the
+    shipped build was made with is copied from it (and a folder whose files differ from the shipped ones is
+    replaced by them, so every machine runs on the same weights); any other config is built by training."""
     cfg = config or DemoConfig()
-    out = Path(out_dir).resolve()
+    out, shipped = Path(out_dir).resolve(), Path(shipped_dir)
+    from_shipped = _shipped_for(cfg, shipped)
     info = read_build_info(out)
-    complete = all((out / f).is_file() for f in ("config.json", "model.safetensors", "corpus.txt"))
+    complete = all((out / f).is_file() for f in ("config.json", "model.safetensors", *CORPUS_FILES))
     if info is not None and complete and info.get("config") == asdict(cfg):
-        return out
+        if not from_shipped or _same_files(shipped, out, shipped_files(shipped)):
+            return out
+    if from_shipped:
+        if not quiet:
+            print(f"demo LM: copying the shipped build {shipped} to {out}", flush=True)
+        return materialise_shipped(out, shipped)
     if not quiet:
-        print(f"building the embedded demo model in {out}, about 1-2 minutes, once", flush=True)
+        print(f"building the embedded demo model in {out} by training (about 3 min at full size), once", flush=True)
     build_demo_model(out, cfg, quiet=quiet)
     return out
 
@@ -616,19 +703,31 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m common.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(DEFAULT_DEMO_DIR), help=f"folder (default: {DEFAULT_DEMO_DIR})")
     ap.add_argument("--tiny", action="store_true", help="the tiny test preset (seconds, not minutes)")
-    ap.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
+    ap.add_argument("--force", action="store_true",
+                    help="rebuild by training even if an up-to-date folder (or the shipped build) exists")
+    ap.add_argument("--ship", action="store_true",
+                    help=f"rebuild the default config by training (implies --force), then copy the build to "
+                         f"{SHIPPED_DIR}, the copy every machine starts from")
     a = ap.parse_args(argv)
+    if a.ship and a.tiny:
+        ap.error("--ship ships the default config; drop --tiny")
     cfg = DemoConfig.tiny() if a.tiny else DemoConfig()
-    if a.force:
-        print(f"building the embedded demo model in {Path(a.out).resolve()}", flush=True)
-        build_demo_model(a.out, cfg)
-        out = Path(a.out).resolve()
+    out = Path(a.out).resolve()
+    if a.force or a.ship:
+        print(f"building the embedded demo model in {out}", flush=True)
+        build_demo_model(out, cfg)
+        if _shipped_for(cfg, SHIPPED_DIR):
+            same = _same_files(SHIPPED_DIR, out, [n for n in shipped_files() if n != BUILD_FILE])
+            print(f"  {'identical to' if same else 'differs from'} the shipped build in {SHIPPED_DIR}")
+        if a.ship:
+            print(f"  shipped to {ship_build(out)}")
     else:
-        out = ensure_demo_model(a.out, cfg)
+        out = ensure_demo_model(out, cfg)
     info = read_build_info(out)
     print(f"{out}\n  final loss {info['final_loss']:.3f} (held-out {info['eval_loss']:.3f}, unigram entropy "
           f"{info['unigram_entropy']:.3f}, ln vocab {info['ln_vocab']:.3f})\n  {info['n_params']:,} parameters, "
-          f"vocab {info['vocab_size']}, {info['steps_done']} steps, wall time {info['wall_seconds']:.1f} s")
+          f"vocab {info['vocab_size']}, {info['steps_done']} of {info['config']['steps']} steps, "
+          f"wall time of the build {info['wall_seconds']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def is_main() -> bool:
 
 def init(args) -> None:
     """Join the torchrun process group (no-op for a plain `python` run). Checks the batch splits evenly."""
-    from .cli import UserError
+    from .errors import UserError
     if env_world() == 1 or initialized():
         return
     n = env_world()
@@ -57,8 +57,6 @@ def init(args) -> None:
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))   # "cuda" now means this rank's GPU
     td.init_process_group("nccl" if use_cuda else "gloo")
-    from . import nfm
-    nfm.REUSE_GRAD_BUFFERS = False      # in-place gradient writes would skip DDP's gradient hooks
     if not is_main():
         sys.stdout = open(os.devnull, "w")   # one copy of every message (errors still reach stderr)
 

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .cli import UserError
+from .errors import UserError
 
 _BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers")
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import dist
-from .nfm import NFM, NFMConfig
+from .nfm import NFM, NFMConfig, require_path_means
 from .sae import SAEConfig, TopKSAE, TransposedCode
 
 # the additive paths and the variants reported for them
@@ -55,7 +55,7 @@ class JointModel(nn.Module):
         x_hat = out["sae"] + out["linear"] + out["interaction"]
         total_var = dist.total_variance(x).clamp_min(1e-12)     # of the global batch under torchrun
         fvu = (x - x_hat).pow(2).sum() / total_var
-        aux = self.sae.auxk_loss(picks, x, x_hat, total_var)
+        aux = self.sae.auxk_loss(picks, x, x_hat)
         self.sae.track_firing(idx, val, x.shape[0])
         return dist.scaled_loss(fvu + self.sae.cfg.auxk_alpha * aux, {"fvu": fvu.detach(), "auxk": aux.detach()})
 
@@ -71,6 +71,7 @@ class JointModel(nn.Module):
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], hp: dict) -> "JointModel":
         m = cls(SAEConfig(**hp["sae"]), NFMConfig(**hp["nfm"]))
+        require_path_means(t, "nfm.")
         m.load_state_dict({k: v for k, v in t.items() if not k.startswith(("norm.", "init."))})
         return m.eval()
 

@@ -26,7 +26,8 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .cli import UserError
+from . import dist
+from .errors import UserError
 from .sae import TransposedCode
 from .train import batched, module_device
 
@@ -89,7 +90,8 @@ def _engine_accumulates_into(table: torch.Tensor) -> bool:
 
 
 # Writing a table's gradient in place skips its AccumulateGrad node, so anything hooked on that node from
-# C++ (DistributedDataParallel's allreduce hooks) would not see it: set this to False under DDP.
+# C++ (DistributedDataParallel's allreduce hooks) would not see it: never under torchrun (dist.initialized()),
+# and never when this switch is off.
 REUSE_GRAD_BUFFERS = True
 
 
@@ -102,7 +104,7 @@ def _table_grad_out(table: torch.Tensor) -> torch.Tensor:
     (non-leaf table, hooks, create_graph, a gradient already accumulated) it is a fresh tensor that
     autograd accumulates as usual. Consequence: table.grad is the same tensor every step, overwritten by
     the next backward, as with zero_grad(set_to_none=False); copy it if you keep it."""
-    reusable = (REUSE_GRAD_BUFFERS and table.is_leaf and table.grad is None and not torch.is_grad_enabled()
+    reusable = (REUSE_GRAD_BUFFERS and not dist.initialized() and table.is_leaf and table.grad is None and not torch.is_grad_enabled()
                 and not table._backward_hooks and not getattr(table, "_post_accumulate_grad_hooks", None)
                 and _engine_accumulates_into(table))
     if not reusable:
@@ -192,6 +194,14 @@ class NFM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.mlp1 = nn.Linear(cfg.dim, cfg.hidden)
         self.mlp2 = nn.Linear(cfg.hidden, cfg.d)
+        # Each path's mean output on training tokens, set once after training and saved with the weights:
+        # mean-ablation puts it in place of a removed path. The two paths carry large constant offsets that
+        # cancel (b_lin against the MLP's biases; on the demo their means have norms 1.28 and 1.29 at cosine
+        # -1.00), so deleting a path (zero-ablation) would measure that constant, not what the path says
+        # about the token.
+        self.register_buffer("linear_mean", torch.zeros(cfg.d))                  # [d]
+        self.register_buffer("interaction_mean", torch.zeros(cfg.d))             # [d]
+        self.register_buffer("mean_tokens", torch.zeros((), dtype=torch.long))  # 0 until set_path_means
 
     # ------------------------------------------------------------------ sparse path
     # `code_t` lets forward() share one sort of the code between both paths' backwards; callers of a
@@ -269,6 +279,26 @@ class NFM(nn.Module):
         q_wo = self.interaction_from_hidden(self.mlp1(p_wo))
         return (q_full - q_wo).norm(dim=-1) * (val > 0)
 
+    # ------------------------------------------------------------------ path ablation
+    @torch.no_grad()
+    def set_path_means(self, idx: torch.Tensor, val: torch.Tensor, max_rows: int = 1 << 18) -> None:
+        """Store each path's mean output over training codes (idx, val) [n, k] (an even stride of at most
+        max_rows of them), in eval mode (no dropout)."""
+        step = -(-idx.shape[0] // max_rows)
+        i, v = idx[::step], val[::step]
+        was = self.training
+        self.linear_mean.copy_(predict(self, i, v, ("linear",)).double().mean(0).to(self.linear_mean))
+        self.interaction_mean.copy_(predict(self, i, v, ("interaction",)).double().mean(0).to(self.linear_mean))
+        self.mean_tokens.fill_(i.shape[0])
+        self.train(was)
+
+    def path_mean(self, path: str) -> torch.Tensor:
+        """The mean output of `path` ("linear" or "interaction") on training tokens: [d]."""
+        if int(self.mean_tokens) == 0:
+            raise UserError("this NFM has no path means (an old or unfinished checkpoint); retrain it with part2 "
+                            "(or part5 for a joint model)")
+        return self.linear_mean if path == "linear" else self.interaction_mean
+
     def param_counts(self) -> dict:
         lin = self.W_lin.numel() + self.b_lin.numel()
         inter = self.V.numel() + sum(p.numel() for p in (*self.mlp1.parameters(), *self.mlp2.parameters()))
@@ -280,8 +310,31 @@ class NFM(nn.Module):
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], cfg: dict, prefix: str = "") -> "NFM":
         m = cls(NFMConfig(**cfg))
-        m.load_state_dict({k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)})
+        state = {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+        require_path_means(state)
+        m.load_state_dict(state)
         return m.eval()
+
+
+def require_path_means(state: dict, prefix: str = "") -> None:
+    """A one-line error for a checkpoint written before the NFM stored its path means (mean-ablation)."""
+    if prefix + "mean_tokens" not in state:
+        raise UserError("this NFM checkpoint predates mean-ablation (it holds no path means); retrain it with "
+                        "part2 (or part5 for a joint model)")
+
+
+def combine_paths(outputs: dict, keep, nfm: NFM, ablation: str = "mean") -> torch.Tensor:
+    """The sum of outputs[p] for p in `keep`; each NFM path ("linear", "interaction") not in keep is removed
+    by its mean output on training tokens (ablation="mean", the default) or deleted (ablation="zero").
+    Other keys (the joint model's "sae" path) are simply summed when kept."""
+    if ablation not in ("mean", "zero"):
+        raise ValueError(ablation)
+    out = sum(outputs[p] for p in keep)
+    if ablation == "mean":
+        for p in PATHS:
+            if p not in keep:
+                out = out + nfm.path_mean(p).to(outputs[p].device, outputs[p].dtype)
+    return out
 
 
 def load_nfm_checkpoint(path, sae_cfg: dict | None = None, flag: str = "--nfm", sae_flag: str = "--sae"):

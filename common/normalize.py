@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .cli import UserError
+from .errors import UserError
 
 MODES = ("scalar", "zscore", "none")
 

@@ -198,7 +198,7 @@ def clamp_plots(results: dict, levels_a: list[str], levels_b: list[str], out: Pa
     paths = []
     fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3.2), squeeze=False)
     for ax, s in zip(axes[0], settings):
-        cm = target[s]["cell_means"]
+        cm = target[s].get("cell_means", {f"{la}|{lb}": 0.0 for la in levels_a for lb in levels_b})
         for la in levels_a:
             ax.plot(levels_b, [cm[f"{la}|{lb}"] for lb in levels_b], marker="o", label=la)
         ax.set_title(s, fontsize=9)
@@ -209,6 +209,8 @@ def clamp_plots(results: dict, levels_a: list[str], levels_b: list[str], out: Pa
     plt.close(fig)
     paths.append(out / "interaction_lines.png")
     strongest = max(settings, key=lambda s: target[s].get("max_abs_logit_change", 0))
+    if "cell_means" not in target[strongest]:                      # no clamp moved any logit
+        return paths
     cm = target[strongest]["cell_means"]
     grid = np.array([[cm[f"{la}|{lb}"] for lb in levels_b] for la in levels_a])
     fig, ax = plt.subplots(figsize=(4, 3.4))
@@ -227,12 +229,12 @@ def clamp_plots(results: dict, levels_a: list[str], levels_b: list[str], out: Pa
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for cname, res in results.items():
         xs = [s for s in res if "A:B" in res[s]]
-        axes[0].plot(xs, [res[s]["A:B"]["partial_eta_sq"] for s in xs], marker="o", label=cname)
-        est = [res[s]["interaction_contrast"]["estimate"] for s in xs]
-        lo = [res[s]["interaction_contrast"]["ci"][0] for s in xs]
-        hi = [res[s]["interaction_contrast"]["ci"][1] for s in xs]
+        axes[0].plot(xs, [res[s]["A:B"]["F"] for s in xs], marker="o", label=cname)
+        est = [res[s]["A:B"]["estimate"] for s in xs]
+        lo = [res[s]["A:B"]["ci"][0] for s in xs]
+        hi = [res[s]["A:B"]["ci"][1] for s in xs]
         axes[1].errorbar(xs, est, yerr=[np.subtract(est, lo), np.subtract(hi, est)], marker="o", capsize=3, label=cname)
-    axes[0].set_ylabel("partial eta^2 of the interaction", fontsize=8)
+    axes[0].set_ylabel("interaction min F' (words x prompts)", fontsize=8)
     axes[1].set_ylabel("interaction contrast (logits, 95% CI)", fontsize=8)
     axes[1].axhline(0, color="black", lw=0.6)
     for ax in axes:
@@ -254,3 +256,22 @@ def clamp_plots(results: dict, levels_a: list[str], levels_b: list[str], out: Pa
     plt.close(fig)
     paths.append(out / "word_scatter.png")
     return paths
+
+
+def null_distribution(specificity: dict, path: Path, title: str) -> Path:
+    """part9: per setting, the null features' interaction min F' (histogram) and the target's (red line)."""
+    labels = list(specificity)
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.4 * len(labels), 3.0), squeeze=False)
+    for ax, s in zip(axes[0], labels):
+        r = specificity[s]
+        ax.hist(r["null_F"], bins=20, color="0.6")
+        ax.axvline(r["target_F"], color="red", lw=1.5, label="target")
+        ax.set_title(f"{s}: empirical p {r['empirical_p']:.3g}", fontsize=9)
+        ax.set_xlabel("interaction min F'", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -9,9 +9,18 @@ Recipe and where it comes from:
   - b_dec initialised from the data: the mean of the first training batch (sparsify; Anthropic's proposal);
   - decoder rows kept at unit norm: the gradient component parallel to each row is removed before the step,
     rows renormalised after it (OpenAI, sparsify, dictionary_learning);
-  - AuxK (OpenAI): the top-k_aux *dead* latents (no firing for `dead_tokens` tokens) reconstruct the
-    residual e = x - x_hat, k_aux = d/2, coefficient 1/32, decoded *without* b_dec so the bias is not
-    counted twice, scaled by min(n_dead / k_aux, 1);
+  - AuxK, OpenAI's recipe as in their reference code (openai/sparse_autoencoder, sparse_autoencoder/train.py;
+    Gao et al. 2024, "Scaling and evaluating sparse autoencoders"): the top-k_aux *dead* latents (no firing
+    for `dead_tokens` tokens), ReLU'd, reconstruct the residual e = x - x_hat (detached), loss
+    normalized_mse(e_hat + b_dec, e + b_dec.detach()) = ||e_hat - e||^2 / ||e - mean(e)||^2, normalised by
+    the variance of the *residual* (of the global batch under torchrun), not scaled by the number of dead
+    latents, coefficient 1/32; k_aux = d/2 (the paper's heuristic as sparsify reads it; train.py's config
+    has 256 at d_model 768), at most n_dead. Where this differs from train.py: the dead set is the one
+    before this batch (train.py updates its counters with the batch first), a latent fires when its value
+    is > 0 (train.py: > 1e-3), dead means >= dead_tokens tokens (train.py: > a number of steps), and no
+    AuxK term is formed while nothing is dead (train.py's is then a constant without gradient). Kept over EleutherAI sparsify's variant (`SparseCoder.forward`: b_dec in e_hat but not in
+    the target, divided by the variance of x, scaled by min(n_dead / (d/2), 1)), which had a higher
+    held-out FVU on the demo and the bench (bench/RESULTS.md, "AuxK recipe (issue 12)");
   - loss = FVU of the batch (scale-free, as sparsify);
   - optimizer: schedule-free SignSGD, lr = 5e-3 / sqrt(n_latents / 2^14), sparsify's default
     (common/optim.py). Side by side on the same activations and tokens (bench/bench_sae_peers.py) it reached
@@ -37,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dist
-from .cli import UserError
+from .errors import UserError
 from .train import module_device
 
 
@@ -151,19 +160,20 @@ class TopKSAE(nn.Module):
         return idx, val
 
     def encode_with_aux(self, x: torch.Tensor):
-        """Training encode: (idx, val, aux) where aux = (aux_idx [batch, k_aux], aux_val, n_dead) holds AuxK's
-        top-k_aux dead latents from the same encoder matmul, or None when no latent is dead (or AuxK is off)."""
+        """Training encode: (idx, val, aux) where aux = (aux_idx [batch, k_aux], aux_val) holds AuxK's
+        top-k_aux dead latents from the same encoder matmul, or None when no latent is dead (or AuxK is off).
+        k_aux = min(d/2, n_dead): the reference picks its top k_aux of the pre-activations with the live ones
+        zeroed, so past n_dead it picks zeros, which ReLU leaves without value or gradient."""
         dead_ids = (self.since_fired >= self.cfg.dead_tokens).nonzero().squeeze(1)   # [n_dead]
         n_dead = dead_ids.numel()
         if n_dead == 0 or self.cfg.auxk_alpha == 0:
             return (*self.encode(x), None)
         k_aux = min(self.cfg.d // 2, n_dead)
         val, idx, aval, aidx = _TopKEncode.apply(x - self.b_dec, self.W_enc, self.b_enc, self.cfg.k, dead_ids, k_aux)
-        return idx, val, (aidx, aval, n_dead)
+        return idx, val, (aidx, aval)
 
-    def decode(self, idx: torch.Tensor, val: torch.Tensor, bias: bool = True) -> torch.Tensor:
-        out = F.embedding_bag(idx, self.W_dec, per_sample_weights=val, mode="sum")  # [batch, d]
-        return out + self.b_dec if bias else out
+    def decode(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(idx, self.W_dec, per_sample_weights=val, mode="sum") + self.b_dec  # [batch, d]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx, val = self.encode(x)
@@ -178,21 +188,22 @@ class TopKSAE(nn.Module):
         return f @ self.W_dec + self.b_dec, f
 
     # ------------------------------------------------------------------ training pieces
-    def auxk_loss(self, aux, x: torch.Tensor, x_hat: torch.Tensor, total_var: torch.Tensor) -> torch.Tensor:
-        """OpenAI's AuxK: the top-k_aux dead latents reconstruct the residual e = x - x_hat (detached)."""
+    def auxk_loss(self, aux, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """OpenAI's AuxK (train.py): normalized_mse(decode_sparse(auxk_inds, auxk_vals),
+        x - recons.detach() + pre_bias.detach()), normalized_mse(r, t) = ||r - t||^2 / ||t - mean(t)||^2.
+        The denominator is the variance of the residual e = x - x_hat (of the global batch under torchrun)."""
         if aux is None:
             return x.new_zeros(())
-        aidx, aval, n_dead = aux
-        e_hat = self.decode(aidx, aval, bias=False)     # no b_dec: it is already in x_hat
-        scale = min(n_dead / aidx.shape[1], 1.0)
-        return scale * (e_hat - (x - x_hat).detach()).pow(2).sum() / total_var
+        e = (x - x_hat).detach()                                  # [batch, d]
+        target = e + self.b_dec.detach()      # decode adds b_dec: the value cancels, b_dec still gets a gradient
+        return (self.decode(*aux) - target).pow(2).sum() / dist.total_variance(e).clamp_min(1e-12)
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         idx, val, aux = self.encode_with_aux(x)
         x_hat = self.decode(idx, val)
         total_var = dist.total_variance(x).clamp_min(1e-12)     # of the global batch under torchrun
         fvu = (x - x_hat).pow(2).sum() / total_var
-        auxk = self.auxk_loss(aux, x, x_hat, total_var)
+        auxk = self.auxk_loss(aux, x, x_hat)
         self.track_firing(idx, val, x.shape[0])
         return dist.scaled_loss(fvu + self.cfg.auxk_alpha * auxk, {"fvu": fvu.detach(), "auxk": auxk.detach()})
 
@@ -286,22 +297,15 @@ def train_sae(sae: TopKSAE, train_x: torch.Tensor, select_x: torch.Tensor, steps
                eval_transform=sae.renorm_decoder, ckpt=ckpt, tag=tag)
 
 
-def load_sae_checkpoint(path, flag: str = "--sae", kind: str = "sae"):
-    """(sae, normalizer, config) from a part1-style checkpoint folder, or a SAELens TopK folder (common/saelens.py)."""
+def load_topk_sae(path, flag: str = "--sae", kind: str = "sae"):
+    """(sae, normalizer, config) from a checkpoint folder in this project's format (part1, part3, part5's
+    baseline). Stages load SAEs through common/loading.py, which also accepts SAELens folders."""
     from .checkpoint import load
     from .normalize import Normalizer
-    from .saelens import is_saelens_dir, load_saelens   # here, not at the top: saelens imports this module
 
-    if kind == "sae" and is_saelens_dir(path):
-        return load_saelens(path, flag)
     tensors, cfg = load(path, kind, flag)
     sae = TopKSAE.from_tensors({k: v for k, v in tensors.items() if not k.startswith(("norm.", "init."))}, cfg["hparams"])
     return sae, Normalizer.from_tensors(tensors, cfg["normalize"]), cfg
-
-
-def load_secondary_checkpoint(path, flag: str = "--secondary"):
-    """(secondary SAE, the normaliser of its input u, config) from a part3 checkpoint folder."""
-    return load_sae_checkpoint(path, flag, kind="secondary_sae")
 
 
 @torch.no_grad()

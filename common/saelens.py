@@ -54,14 +54,14 @@ def export_saelens(sae_dir: str | Path, out_dir: str | Path) -> Path:
     """Write our part1-style SAE at `sae_dir` as a SAELens TopK folder (cfg.json + sae_weights.safetensors)."""
     from .checkpoint import atomic_save_tensors, atomic_write_bytes, file_hash
     from .hooks import hook_name
-    from .sae import load_sae_checkpoint
+    from .sae import load_topk_sae
 
     out = Path(out_dir)
     if out.resolve() == Path(sae_dir).resolve():
         raise UserError(f"--out {out} is the --sae folder itself; pass a new folder for the SAELens copy")
     if (out / OUR_CFG).exists():   # a folder with both configs would no longer be recognised as SAELens
         raise UserError(f"--out {out} holds one of our checkpoints ({OUR_CFG}); pass a new folder")
-    sae, norm, cfg = load_sae_checkpoint(sae_dir, "--sae")
+    sae, norm, cfg = load_topk_sae(sae_dir, "--sae")
 
     # fold in float64 so the only rounding is the final cast to float32
     scale, shift = norm.scale.double(), norm.shift.double()

@@ -9,6 +9,17 @@ A *stimulus set* is a JSON file that crosses two factors with two levels each, e
      "cells": {"formal|emotional": ["sentence", ...], "formal|neutral": [...],
                "casual|emotional": [...], "casual|neutral": [...]}}
 
+An optional blocking factor says which positions are matched across cells (e.g. the topic of sentence i is the
+same in every cell); it needs balanced cells and gives one label per position:
+
+     "blocks": {"name": "topic", "labels": ["work", "work", ..., "technology"]}
+
+part8 then permutes labels within blocks and adds the block to its ANOVA. `StimulusSet.halves()` splits the set
+by sentence within each cell into a *selection* half (part8 picks features on it) and a *test* half (part8's
+confirmation and part9's prompts), deterministically: the positions of each block (or of the whole cell) in
+file order alternate selection, test, selection, ... (every other block starting with test, so the halves are
+of equal size), so both halves keep every block in every cell and stay balanced within blocks.
+
 Cell keys are "<levelA>|<levelB>"; all four must be present and no other. Every cell is a non-empty list of
 non-empty strings; no sentence may occur twice (within or across cells; compared ignoring case and runs of
 whitespace); every cell has the same number of sentences (unbalanced cells are an error unless
@@ -72,6 +83,8 @@ class StimulusSet:
     description: str = ""
     source: str = ""
     warnings: list[str] = field(default_factory=list)   # e.g. unbalanced cells when allowed
+    block_name: str | None = None                       # the blocking factor, e.g. "topic" (None: no blocks)
+    block_labels: dict[tuple[str, str], list[str]] | None = None   # per cell, one label per sentence
 
     def cell_keys(self) -> list[tuple[str, str]]:
         """(level_a, level_b) for every cell, A-major: (a0, b0), (a0, b1), (a1, b0), (a1, b1)."""
@@ -80,6 +93,46 @@ class StimulusSet:
     def rows(self) -> list[tuple[str, str, str]]:
         """(sentence, level_a, level_b) for every sentence: cells in cell_keys() order, file order within a cell."""
         return [(s, a, b) for a, b in self.cell_keys() for s in self.cells[(a, b)]]
+
+    def row_blocks(self) -> list[str] | None:
+        """The block label of every row of rows() (None when the set has no blocking factor)."""
+        if self.block_labels is None:
+            return None
+        return [lab for k in self.cell_keys() for lab in self.block_labels[k]]
+
+    def halves(self) -> tuple["StimulusSet", "StimulusSet", dict]:
+        """(selection half, test half, a record of the split for metrics.json), split by sentence within each
+        cell: the positions of each block (the whole cell without blocks) alternate selection, test, ... (the
+        first, third, ... block starting with selection, the others with test, so odd-sized blocks even out)."""
+        parts: dict[str, dict] = {"selection": {}, "test": {}}
+        for k in self.cell_keys():
+            labels = self.block_labels[k] if self.block_labels is not None else [""] * len(self.cells[k])
+            order = list(dict.fromkeys(labels))            # blocks in order of first appearance
+            rank = {lab: j % 2 for j, lab in enumerate(order)}  # odd blocks start with test: halves of equal size
+            for i, lab in enumerate(labels):
+                half = "selection" if rank[lab] % 2 == 0 else "test"
+                rank[lab] += 1
+                parts[half].setdefault(k, []).append(i)
+        sets = []
+        for half in ("selection", "test"):
+            pos = parts[half]
+            if any(not pos.get(k) for k in self.cell_keys()):
+                raise StimulusError(f"{self.source}: a cell has too few sentences to split into a selection and a "
+                                    f"test half; give every cell at least 2 sentences")
+            sets.append(StimulusSet(
+                name=f"{self.name} ({half} half)", factor_a=self.factor_a, factor_b=self.factor_b,
+                levels_a=self.levels_a, levels_b=self.levels_b,
+                cells={k: [self.cells[k][i] for i in pos[k]] for k in self.cell_keys()},
+                description=self.description, source=self.source, warnings=list(self.warnings),
+                block_name=self.block_name,
+                block_labels=None if self.block_labels is None else
+                {k: [self.block_labels[k][i] for i in pos[k]] for k in self.cell_keys()}))
+        record = {"rule": "by sentence within each cell: the positions of each block (of the whole cell when the "
+                          "set has no blocks) alternate selection, test, selection, ... in file order, the 1st, "
+                          "3rd, ... block (in order of first appearance) starting with selection, the others with test",
+                  "blocking_factor": self.block_name,
+                  **{half: {cell_key_str(k): parts[half][k] for k in self.cell_keys()} for half in parts}}
+        return sets[0], sets[1], record
 
     def sizes(self) -> dict[tuple[str, str], int]:
         return {k: len(self.cells[k]) for k in self.cell_keys()}
@@ -255,8 +308,31 @@ def validate_stimuli(obj, source: str, allow_unbalanced: bool = False) -> Stimul
         msg = f"{source}: unbalanced cells ({listing}); effects and interactions are estimated with unequal weights"
         found.append(msg)
         warnings.warn(msg, StimulusWarning, stacklevel=2)
+    block_name, block_labels = _validate_blocks(obj.get("blocks"), source, sizes)
     return StimulusSet(name=name, factor_a=fa, factor_b=fb, levels_a=la, levels_b=lb, cells=cells,
-                       description=desc, source=source, warnings=found)
+                       description=desc, source=source, warnings=found, block_name=block_name,
+                       block_labels=None if block_labels is None else {k: list(block_labels) for k in keys})
+
+
+def _validate_blocks(blocks, source: str, sizes: dict) -> tuple[str | None, list[str] | None]:
+    """The optional "blocks": {"name": str, "labels": [one string per position]}, positions matched across cells."""
+    if blocks is None:
+        return None, None
+    example = '"blocks": {"name": "topic", "labels": ["work", "work", ...]} (one label per sentence position)'
+    if not isinstance(blocks, dict) or not isinstance(blocks.get("name"), str) or not blocks["name"].strip() \
+            or not isinstance(blocks.get("labels"), list):
+        raise StimulusError(f"{source}: \"blocks\" must be an object with a \"name\" and a \"labels\" list; write {example}")
+    labels = blocks["labels"]
+    if any(not isinstance(x, str) or not x.strip() for x in labels):
+        raise StimulusError(f"{source}: every block label must be a non-empty string; fix \"blocks\".\"labels\"")
+    if len(set(sizes.values())) > 1:
+        raise StimulusError(f"{source}: \"blocks\" needs balanced cells (position i is matched across cells); "
+                            f"balance the cells or remove \"blocks\"")
+    n = next(iter(sizes.values()))
+    if len(labels) != n:
+        raise StimulusError(f"{source}: \"blocks\" has {len(labels)} labels but every cell has {n} sentences; give "
+                            f"one label per sentence position")
+    return blocks["name"], labels
 
 
 def load_stimuli(path: str | Path, allow_unbalanced: bool = False) -> StimulusSet:
@@ -525,10 +601,12 @@ def demo_stimuli(n_per_cell: int = 60, seed: int = 12345) -> dict:
                         f"trains on seed-0 documents, the pipeline corpus is seed 1). Each sentence contains a word "
                         f"the grammar uses only for its formality level and one only for its emotion level; none "
                         f"occurs in the LM's training documents or the pipeline corpus. Document-level constructions "
-                        f"(the XOR marker, closings) are not included; see demo_word_buckets.json. Rebuild with: "
+                        f"(the XOR marker, closings) are not included; see demo_word_buckets.json. \"blocks\" gives "
+                        f"each position's topic (the same in every cell). Rebuild with: "
                         f"python -m common.stimuli make-demo --out stimuli/"),
         "factors": _demo_factors(),
         "cells": cells,
+        "blocks": {"name": "topic", "labels": [D.TOPICS[i % len(D.TOPICS)] for i in range(n_per_cell)]},
     }
 
 

@@ -14,36 +14,41 @@ def headline(m: dict) -> str:
     stage = m.get("stage", "")
     if stage.startswith("part2"):
         red = h["residual_reduction"]
-        s = (f"residual reduction: both {red['both']:.3f}, linear only {red['linear_only']:.3f}, "
-             f"interaction only {red['interaction_only']:.3f}")
+        s = (f"residual reduction: both {red['both']:.3f}, linear only {red['linear_only[mean_ablation]']:.3f}, "
+             f"interaction only {red['interaction_only[mean_ablation]']:.3f} (other path mean-ablated)")
         if "baseline_residual_sae" in m:
             s += f"; residual-SAE control {m['baseline_residual_sae']['residual_reduction']:.3f}"
         return s
     if stage.startswith("part4"):
-        return (f"{m['model']} NFM: linear share of output magnitude {h['linear_share_of_output_magnitude']:.1%}; "
-                f"top interaction partners of feature {m['partners']['feature']}: "
+        return (f"{m['model']} NFM: linear share of output magnitude {h['linear_share_of_output_magnitude[mean_ablation]']:.1%} "
+                f"(paths minus their training means); top interaction partners of feature {m['partners']['feature']}: "
                 + ", ".join(str(r["feature"]) for r in m["partners"]["ranking"][:5]))
     if stage.startswith("part5"):
-        z, c = h["fvu_zero_ablation"], m["comparisons"]
-        return (f"FVU joint {z['full']:.4f} (its SAE path {z['sae']:.4f}) vs standalone SAE of equal parameters "
-                f"{c['standalone_sae']['fvu']:.4f}: {c['joint_vs_standalone_relative_fvu_reduction']:+.1%}")
+        f, c = h["fvu"], m["comparisons"]
+        return (f"FVU joint {f['full']:.4f} (its SAE path {f['sae[mean_ablation]']:.4f}, NFM paths mean-ablated) vs "
+                f"standalone SAE of equal parameters {c['standalone_sae']['fvu']:.4f}: "
+                f"{c['joint_vs_standalone_relative_fvu_reduction']:+.1%}")
     if stage.startswith("part6"):
         v = m["variants"]
-        keys = [k for k in ("sae", "sae+nfm", "joint_sae", "joint_full", "standalone_sae") if k in v]
+        keys = [k for k in ("sae", "sae+nfm", "joint_sae[mean_ablation]", "joint_full", "standalone_sae") if k in v]
         return "KL per token: " + ", ".join(f"{k} {v[k]['kl']:.4f}" for k in keys) + (
             f"; SAE / eps-random {v['sae']['kl_ratio_to_eps_random']:.2f}x" if "kl_ratio_to_eps_random" in v.get("sae", {}) else "")
     if stage.startswith("part8"):
         pr = m["primary"]
-        s = "significant primary features (q < 0.05): " + ", ".join(f"{k} {v}" for k, v in pr["significant_at_q05"].items())
+        sig = pr["significant_at_q05"]["permutation"]
+        s = "significant primary features (permutation q < 0.05, selection half): " + ", ".join(f"{k} {v}" for k, v in sig.items())
         if "secondary" in m and m["secondary"]["top_by_interaction_F"]:
             t = m["secondary"]["top_by_interaction_F"][0]
-            s += f"; top integration feature {t['feature']} (interaction F {t['F']:.1f})"
+            s += f"; top integration feature {t['feature']} (interaction F {t['F']:.1f}, q_perm {t['q_perm']:.2g})"
         return s
     if stage.startswith("part9"):
         tgt = m["conditions"]["target"]
+        spec = m.get("null_features", {}).get("specificity", {})
         tested = [(k, v) for k, v in tgt.items() if "A:B" in v]
-        return (f"clamping {m['kind']} feature {m['feature']}: " + ", ".join(
-            f"{k} F {v['A:B']['F']:.2f} p {v['A:B']['p']:.3g}" for k, v in tested)) if tested else "no logit changed"
+        return (f"clamping {m['kind']} feature {m['feature']}, interaction (words x prompts, min F'): " + ", ".join(
+            f"{k} F {v['A:B']['F']:.2f} p {v['A:B']['p']:.3g}"
+            + (f" (null-feature percentile {spec[k]['percentile']:.0f})" if k in spec else "") for k, v in tested)
+                ) if tested else "no logit changed"
     if stage.startswith("part7"):
         return "; ".join(f"{name}: sq-norm mean {r['squared_norm_mean']:.3f}, two modes {r['bimodality']['two_modes']}"
                          for name, r in m["models"].items())

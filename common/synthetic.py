@@ -7,15 +7,19 @@
   - each feature active with probability p_active, magnitude a_i ~ LogNormal(0, sigma) (positive, heavy-tailed);
   - planted pairs P (disjoint): when i is active, j is switched on too with probability `cooccur`, so that the
     pair is observed together often enough to learn; the same co-occurrence is applied in null mode;
+  - decoy pairs (n_decoys, disjoint from each other and from P): the same co-occurrence mechanism, but no
+    interaction term. They are the fair negatives for pair ranking: a score that tracks how often a pair is
+    co-active rather than whether it interacts ranks planted pairs and decoys alike;
   - g per pair, cycling through `g_kinds`: "product" a_i a_j (what an NFM's bi-interaction computes exactly),
     "min" min(a_i, a_j) and "gated" a_i * 1[a_j > 0] (non-multiplicative); g = 0 unless both are active;
   - u_ij its own random unit direction; p scaled so that Var(p) / (Var(s) + Var(p)) = interaction_share;
   - isotropic Gaussian noise with variance noise_share * Var(s + p);
-  - null mode: the same features, activations, co-occurrence and noise, with p = 0.
+  - null mode: the same features, activations, co-occurrence (planted and decoy pairs) and noise, with p = 0.
 
 Writes DIR/activations.safetensors (`activations` [n, d], `doc_ids` = row index), read by every stage with
-`--activations`, and DIR/truth.safetensors (`directions` [n_true, d], `pairs` [P, 2], `pair_dirs` [P, d],
-`g_kind` [P], `planted` [n, d], `true_acts` [n, n_true]) with DIR/truth.json (the config).
+`--activations`, and DIR/truth.safetensors (`directions` [n_true, d], `pairs` [P, 2], `decoy_pairs`
+[n_decoys, 2], `pair_dirs` [P, d], `g_kind` [P], `planted` [n, d], `true_acts` [n, n_true], `g_values` [n, P])
+with DIR/truth.json (the config).
 
     python -m common.synthetic --out checkpoints/synthetic/planted
     python -m common.synthetic --out checkpoints/synthetic/null --null
@@ -31,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 from .checkpoint import atomic_save_tensors, atomic_write_bytes
-from .cli import UserError
+from .errors import UserError
 
 G_KINDS = ("product", "min", "gated")
 
@@ -41,6 +45,7 @@ class SyntheticConfig:
     d: int = 64
     n_true: int = 256
     n_pairs: int = 24
+    n_decoys: int | None = None        # None: as many as n_pairs
     p_active: float = 0.02
     magnitude_sigma: float = 0.5
     cooccur: float = 0.5
@@ -49,9 +54,16 @@ class SyntheticConfig:
     noise_share: float = 0.01
     seed: int = 0
 
+    def __post_init__(self):
+        if self.n_decoys is None:
+            self.n_decoys = self.n_pairs
+
     def validate(self) -> None:
-        if 2 * self.n_pairs > self.n_true:
-            raise UserError(f"--n-pairs {self.n_pairs} needs 2x that many features, but --n-true is {self.n_true}")
+        if self.n_pairs < 1 or self.n_decoys < 1:
+            raise UserError("--n-pairs and --n-decoys must be >= 1 (the pair ranking needs positives and negatives)")
+        if 2 * (self.n_pairs + self.n_decoys) > self.n_true:
+            raise UserError(f"--n-pairs {self.n_pairs} + --n-decoys {self.n_decoys} need 2x that many features, but "
+                            f"--n-true is {self.n_true}: raise --n-true or lower --n-decoys")
         if not 0 <= self.interaction_share < 1 or self.noise_share < 0:
             raise UserError("--interaction-share must be in [0, 1) and --noise-share >= 0")
         bad = [g for g in self.g_kinds if g not in G_KINDS]
@@ -76,14 +88,15 @@ def generate(cfg: SyntheticConfig, n: int, null: bool = False) -> dict[str, torc
     cfg.validate()
     g = torch.Generator().manual_seed(cfg.seed)
     directions = torch.nn.functional.normalize(torch.randn(cfg.n_true, cfg.d, generator=g), dim=1)
-    perm = torch.randperm(cfg.n_true, generator=g)[: 2 * cfg.n_pairs]
-    pairs = perm.view(cfg.n_pairs, 2)
+    perm = torch.randperm(cfg.n_true, generator=g)[: 2 * (cfg.n_pairs + cfg.n_decoys)]
+    pairs, decoys = perm[: 2 * cfg.n_pairs].view(cfg.n_pairs, 2), perm[2 * cfg.n_pairs:].view(cfg.n_decoys, 2)
     pair_dirs = torch.nn.functional.normalize(torch.randn(cfg.n_pairs, cfg.d, generator=g), dim=1)
     kinds = torch.tensor([G_KINDS.index(cfg.g_kinds[p % len(cfg.g_kinds)]) for p in range(cfg.n_pairs)])
 
     active = torch.rand(n, cfg.n_true, generator=g) < cfg.p_active
-    follow = torch.rand(n, cfg.n_pairs, generator=g) < cfg.cooccur
-    active[:, pairs[:, 1]] |= active[:, pairs[:, 0]] & follow
+    linked = torch.cat([pairs, decoys])                                 # one co-occurrence mechanism for both
+    follow = torch.rand(n, linked.shape[0], generator=g) < cfg.cooccur
+    active[:, linked[:, 1]] |= active[:, linked[:, 0]] & follow
     mags = torch.exp(cfg.magnitude_sigma * torch.randn(n, cfg.n_true, generator=g))
     a = mags * active                                                   # [n, n_true]
     s = a @ directions                                                  # [n, d]
@@ -99,8 +112,8 @@ def generate(cfg: SyntheticConfig, n: int, null: bool = False) -> dict[str, torc
     if null:
         planted = torch.zeros_like(planted)
     return {"activations": s + planted + noise, "doc_ids": torch.arange(n), "directions": directions,
-            "pairs": pairs, "pair_dirs": pair_dirs, "g_kind": kinds, "planted": planted, "true_acts": a,
-            "g_values": gv * scale}
+            "pairs": pairs, "decoy_pairs": decoys, "pair_dirs": pair_dirs, "g_kind": kinds, "planted": planted,
+            "true_acts": a, "g_values": gv * scale}
 
 
 def write(out_dir: str | Path, cfg: SyntheticConfig, n: int, null: bool = False) -> Path:
@@ -125,9 +138,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--d", type=int, default=c.d, help=f"activation width (default: {c.d})")
     g.add_argument("--n-true", type=int, default=c.n_true, help=f"true features, > d for superposition (default: {c.n_true})")
     g.add_argument("--n-pairs", type=int, default=c.n_pairs, help=f"planted interacting pairs (default: {c.n_pairs})")
+    g.add_argument("--n-decoys", type=int, default=None,
+                   help="decoy pairs: co-occur like the planted pairs but carry no interaction; the negatives of "
+                        "the pair ranking (default: as many as --n-pairs)")
     g.add_argument("--p-active", type=float, default=c.p_active, help=f"probability each feature is active (default: {c.p_active})")
     g.add_argument("--cooccur", type=float, default=c.cooccur,
-                   help=f"P(second feature of a pair active | first active), also in null data (default: {c.cooccur})")
+                   help=f"P(second feature of a pair active | first active), planted and decoy pairs, also in null "
+                        f"data (default: {c.cooccur})")
     g.add_argument("--g", default=",".join(c.g_kinds),
                    help=f"comma-separated g per pair, cycled: {', '.join(G_KINDS)} (default: {','.join(c.g_kinds)})")
     g.add_argument("--interaction-share", type=float, default=c.interaction_share,
@@ -137,8 +154,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(a) -> SyntheticConfig:
-    return SyntheticConfig(d=a.d, n_true=a.n_true, n_pairs=a.n_pairs, p_active=a.p_active, cooccur=a.cooccur,
-                           g_kinds=tuple(x.strip() for x in a.g.split(",") if x.strip()),
+    return SyntheticConfig(d=a.d, n_true=a.n_true, n_pairs=a.n_pairs, n_decoys=a.n_decoys, p_active=a.p_active,
+                           cooccur=a.cooccur, g_kinds=tuple(x.strip() for x in a.g.split(",") if x.strip()),
                            interaction_share=a.interaction_share, noise_share=a.noise_share, seed=a.seed)
 
 

@@ -388,16 +388,3 @@ def batched(fn, *tensors: torch.Tensor, batch: int = 4096, device=None):
 
 def module_device(m: torch.nn.Module) -> torch.device:
     return next(m.parameters()).device
-
-
-def split_selection_test(x: torch.Tensor, docs: torch.Tensor | None, *more: torch.Tensor):
-    """Split held-out rows into a selection half and a test half, at a document boundary when known."""
-    n = x.shape[0]
-    cut = n // 2
-    if docs is not None and n > 1:
-        first = int(torch.nonzero(docs == docs[cut])[0])
-        cut = first if first > 0 else cut
-    cut = min(max(cut, 1), n - 1) if n > 1 else n
-    sel = (x[:cut],) + tuple(m[:cut] for m in more)
-    test = (x[cut:],) + tuple(m[cut:] for m in more)
-    return sel, test

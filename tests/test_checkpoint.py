@@ -74,7 +74,7 @@ def test_a_malicious_pickle_where_weights_are_expected_is_refused_not_executed(t
     import pickle
 
     from common.data import load_activation_file
-    from common.sae import load_sae_checkpoint
+    from common.loading import load_sae_checkpoint
 
     marker = tmp_path / "PWNED"
     blob = pickle.dumps({"w": _Payload(marker)})

@@ -1,13 +1,15 @@
-"""The embedded demo: corpus properties (determinism, coverage, the 2x2 integration constructions) and the
-tiny build (loads like any HF model, learned something, reused unless the config changes)."""
+"""The embedded demo: corpus properties (determinism, coverage, the 2x2 integration constructions), the
+tiny build (loads like any HF model, learned something, reused unless the config changes) and the shipped
+default build (copied, not trained, by ensure_demo_model)."""
 from __future__ import annotations
 
 import json
 import math
 import re
 import shutil
+import subprocess
 from collections import Counter
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -145,3 +147,80 @@ def test_ensure_reuses_and_rebuilds_on_config_change(tiny_dir, tmp_path):
     assert (copy / "model.safetensors").read_bytes() != old_weights
     assert len((copy / "corpus.txt").read_text().strip().split("\n\n")) == 40
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # old folder and temp folder cleaned up
+
+
+# ------------------------------------------------------------------------------- the shipped build
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("ensure_demo_model trained a model instead of copying the shipped build")
+
+
+def test_shipped_folder_holds_the_default_build():
+    d = demo.SHIPPED_DIR
+    info = demo.read_build_info(d)
+    assert info is not None, f"{d} is missing; rebuild it with python -m common.demo --ship"
+    assert info["config"] == asdict(DemoConfig())
+    assert info["steps_done"] == info["config"]["steps"]
+    assert info["final_loss"] < 0.5 * info["ln_vocab"] and info["eval_loss"] < 0.5 * info["ln_vocab"]
+    names = set(demo.shipped_files())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", demo.BUILD_FILE} <= names
+    assert not names & set(demo.CORPUS_FILES)                          # the corpus is regenerated, not shipped
+    assert (d / "model.safetensors").stat().st_size < 20e6              # float32, ~4.2M parameters
+    git = shutil.which("git")
+    if git and (demo.PROJECT_ROOT / ".git").exists():                   # tracked, not ignored
+        for name in names:
+            rc = subprocess.run([git, "check-ignore", "-q", str(d / name)], cwd=demo.PROJECT_ROOT).returncode
+            assert rc == 1, f"{d / name} is ignored by git"
+
+
+def test_ensure_copies_the_shipped_build_without_training(tmp_path, monkeypatch):
+    from common.models import load_model
+
+    monkeypatch.setattr(demo, "build_demo_model", _no_training)
+    out = ensure_demo_model(tmp_path / "demo", quiet=True)             # the default config
+    assert out == (tmp_path / "demo").resolve()
+    for name in demo.shipped_files():
+        assert (out / name).read_bytes() == (demo.SHIPPED_DIR / name).read_bytes(), name
+    cfg = DemoConfig()
+    write_corpus(tmp_path / "corpus", cfg.n_corpus_docs, cfg.corpus_seed)
+    for name in demo.CORPUS_FILES:
+        assert (out / name).read_bytes() == (tmp_path / "corpus" / name).read_bytes(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "demo"]    # no temporary folder left
+
+    ids = None
+    logits = []
+    for path in (out, demo.SHIPPED_DIR):
+        model, tok, _ = load_model(str(path), "float32", "cpu")
+        ids = ids if ids is not None else torch.tensor([tok("Meanwhile, the tour was insanely miserable tbh!")["input_ids"]])
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    assert torch.equal(logits[0], logits[1])
+
+    # Up to date: reused as it is. A local rebuild with other weights: replaced by the shipped files.
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    assert ensure_demo_model(out, quiet=True) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == mtime
+    (out / "model.safetensors").write_bytes(b"other weights")
+    ensure_demo_model(out, quiet=True)
+    assert (out / "model.safetensors").read_bytes() == (demo.SHIPPED_DIR / "model.safetensors").read_bytes()
+
+
+def test_ship_then_ensure_round_trip(tiny_dir, tmp_path, monkeypatch):
+    """--ship's copy (without the corpus) materialises back to the very build, corpus included, untrained;
+    a config the shipped folder was not built with is still trained."""
+    shipped = demo.ship_build(tiny_dir, tmp_path / "shipped")
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(
+        p.name for p in tiny_dir.iterdir() if p.name not in demo.CORPUS_FILES)
+    monkeypatch.setattr(demo, "build_demo_model", _no_training)
+    out = ensure_demo_model(tmp_path / "demo", DemoConfig.tiny(), quiet=True, shipped_dir=shipped)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in tiny_dir.iterdir())
+    for p in tiny_dir.iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+    with pytest.raises(AssertionError, match="trained a model"):
+        ensure_demo_model(tmp_path / "other", replace(DemoConfig.tiny(), steps=10), quiet=True, shipped_dir=shipped)
+
+
+def test_ship_refuses_the_tiny_preset(capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--ship", "--tiny"])
+    assert e.value.code == 2 and "--ship ships the default config" in capsys.readouterr().err

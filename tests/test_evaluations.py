@@ -136,11 +136,13 @@ def test_part5_joint_against_equal_parameter_sae(evaluations):
     m = _files(evaluations / "p5", "model.safetensors", "metrics.json", "training_curves.png", "fvu_by_variant.png",
                "baseline_sae/model.safetensors")
     h, c, p = m["held_out_test"], m["comparisons"], m["params"]
-    assert set(h["fvu_zero_ablation"]) == {"sae", "sae+linear", "sae+interaction", "full"}
-    assert 0 < h["fvu_zero_ablation"]["full"] < 1
+    assert set(h["fvu"]) == {"full"} | {f"{v}[{how}_ablation]" for v in ("sae", "sae+linear", "sae+interaction")
+                                        for how in ("mean", "zero")}
+    assert 0 < h["fvu"]["full"] < 1
     assert p["total"] == p["sae"] + p["nfm_linear"] + p["nfm_interaction"]
     assert p["total"] <= c["standalone_sae"]["params"] < p["total"] + 2 * 16 + 1 + 64   # matched within one latent
-    assert abs(c["joint_vs_standalone_relative_fvu_reduction"] - (1 - h["fvu_zero_ablation"]["full"] / c["standalone_sae"]["fvu"])) < 1e-12
+    assert abs(c["joint_vs_standalone_relative_fvu_reduction"] - (1 - h["fvu"]["full"] / c["standalone_sae"]["fvu"])) < 1e-12
+    assert abs(c["joint_vs_own_sae_path_relative_fvu_reduction"] - (1 - h["fvu"]["full"] / h["fvu"]["sae[mean_ablation]"])) < 1e-12
     assert "part1_sae" in c
 
 
@@ -156,8 +158,9 @@ def test_part6_kl_variants_baselines_and_cis(evaluations):
     v = m["variants"]
     assert v["identity"]["kl"] < 1e-6 and abs(v["identity"]["delta_ce"]) < 1e-6     # identity splice changes nothing
     assert v["zero_ablation"]["kl"] > v["sae"]["kl"] > 0                             # SAE beats deleting the stream
-    for name in ("sae", "sae+nfm_linear", "sae+nfm_interaction", "sae+nfm", "joint_sae", "joint_sae+linear",
-                 "joint_sae+interaction", "joint_full", "standalone_sae", "zero_ablation", "mean_ablation"):
+    for name in ("sae", "sae+nfm_linear[mean_ablation]", "sae+nfm_interaction[mean_ablation]", "sae+nfm",
+                 "joint_sae[mean_ablation]", "joint_sae+linear[mean_ablation]", "joint_sae+interaction[mean_ablation]",
+                 "joint_full", "standalone_sae", "zero_ablation", "mean_ablation"):
         r = v[name]
         assert r["kl_ci"][0] <= r["kl"] <= r["kl_ci"][1] and r["ce_ci"][0] <= r["ce"] <= r["ce_ci"][1], name
         assert r["kl_ratio_to_eps_random"] > 0 and r["kl_ratio_to_cov_random"] > 0, name
@@ -165,12 +168,33 @@ def test_part6_kl_variants_baselines_and_cis(evaluations):
         assert lo <= r["kl_ratio_to_eps_random"] <= hi, name
     assert abs(v["zero_ablation"]["ce_loss_score"]) < 1e-12 and abs(v["original"]["ce_loss_score"] - 1) < 1e-12
     assert m["n_documents"] <= 40 and "sae+nfm vs sae" in m["paired_comparisons"]
+    for name in ("sae+nfm_linear[zero_ablation]", "joint_sae[zero_ablation]"):     # labelled second figures
+        assert name in v and "kl_ratio_to_eps_random" not in v[name]
+
+
+def test_part6_evaluates_only_test_half_documents(evaluations, tiny_demo):
+    """Every KL/CE token comes from held-out documents of the test half: none from the selection half that
+    picked the best steps (part1 records both halves of the documents it held out), none from training text."""
+    from common.data import iter_documents
+    m = json.loads((evaluations / "p6" / "metrics.json").read_text())
+    halves = json.loads((evaluations / "p1" / "metrics.json").read_text())["held_out_documents"]
+    evaluated = m["evaluated_documents"]
+    assert len(evaluated) == m["n_documents"] >= 10
+    assert not set(evaluated) & set(halves["selection"])
+    seen_by_part1 = [d for d in evaluated if d <= max(halves["test"] + halves["selection"])]
+    assert seen_by_part1 and set(seen_by_part1) <= set(halves["test"])     # the half part1 reported on
+    corpus = str(tiny_demo / "corpus.txt")
+    held = list(iter_documents(corpus, "validation", 0.1))
+    train = set(iter_documents(corpus, "train", 0.1))
+    assert not {held[i] for i in evaluated} & train
 
 
 def test_part4_inspector(evaluations):
     for d, kind in (("p4", "sequential"), ("p4j", "joint")):
         m = _files(evaluations / d, "metrics.json", "weight_stats.png", "top_features.png")
-        assert m["model"] == kind and 0 <= m["held_out_test"]["linear_share_of_output_magnitude"] <= 1
+        h = m["held_out_test"]
+        assert m["model"] == kind and 0 <= h["linear_share_of_output_magnitude[mean_ablation]"] <= 1
+        assert 0 <= h["linear_share_of_output_magnitude[zero_ablation]"] <= 1
         assert all(0 <= r["gini"] <= 1 for r in m["weights"]["embedding_row"]["highest_gini"])
         partners = m["partners"]["ranking"]
         assert partners and all(r["feature"] != m["partners"]["feature"] for r in partners)

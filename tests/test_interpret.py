@@ -9,7 +9,8 @@ from conftest import ROOT, run_script
 def _frequent_features(pipeline, n=2):
     import torch
     from common.data import load_activation_file
-    from common.sae import encode_all, load_sae_checkpoint
+    from common.loading import load_sae_checkpoint
+    from common.sae import encode_all
     sae, norm, _ = load_sae_checkpoint(pipeline / "p1")
     val = next(p for p in (pipeline / "cache").glob("acts-*-validation") if p.is_dir())
     idx, v = encode_all(sae, norm.encode(load_activation_file(val, "x")[0]))
@@ -55,6 +56,13 @@ def test_explain_and_score_with_a_fake_transport(pipeline, tmp_path, monkeypatch
         share = s["n_activating"] / (s["n_activating"] + s["n_non_activating"])
         assert s["recall"] == 1.0 and abs(s["precision"] - share) < 1e-12 and abs(s["accuracy"] - share) < 1e-12
     assert len(seen) == 2 * len(feats)
+    # every context came from test-half held-out documents (part1 records both halves of what it held out)
+    docs = json.loads((out / "metrics.json").read_text())["documents"]
+    halves = json.loads((pipeline / "p1" / "metrics.json").read_text())["held_out_documents"]
+    used = docs["explain"] + docs["score"]
+    assert used and not set(used) & set(halves["selection"]) and not set(docs["explain"]) & set(docs["score"])
+    known = [d for d in used if d <= max(halves["selection"] + halves["test"])]
+    assert known and set(known) <= set(halves["test"])
     for p in out.rglob("*"):
         if p.is_file():
             assert b"SECRET123" not in p.read_bytes(), p
@@ -108,3 +116,20 @@ def test_generate_stimuli_validates_and_saves(pipeline, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="empty") as e:
         p8.main(argv(other, "p8b"), http_client=_fake(json.dumps(bad)))   # own cache: the prompt is the same
     assert "\n" not in str(e.value) and not other.exists()
+
+
+def test_answers_are_matched_by_number_and_missing_ones_are_not_shifted():
+    from interpret_features import detection_scores, parse_answers
+    import numpy as np
+    # answer 3 of 5 is missing: the later answers keep their numbers
+    assert parse_answers("1: 1\n2: 0\n4: 1\n5: 0", 5) == [1, 0, None, 1, 0]
+    # the old reading took bare 0/1 tokens in order, the excerpt numbers included
+    assert parse_answers("1. 1\n2) 0\n3 - 1\nthe rest: unsure", 4) == [1, 0, 1, None]
+    assert parse_answers("2: 1\n1: 0", 2) == [0, 1]                     # order of the lines does not matter
+    assert parse_answers("1: 1\n1: 0\n2: 1", 2) == [None, 1]           # contradictory answers: missing
+    assert parse_answers("1: yes\n2: 7\n9: 1", 2) == [None, None]      # unparseable and out of range
+    assert parse_answers("1\n0\n1", 3) == [1, 0, 1]                    # bare lines, exactly one per excerpt
+    assert parse_answers("1\n0", 3) == [None, None, None]
+    s = detection_scores(np.array([1, 0, 1, 0, 1]), [1, 0, None, 1, 1])
+    assert s["n_missing"] == 1 and s["n_answered"] == 4 and s["accuracy"] == 0.75
+    assert s["precision"] == 2 / 3 and s["recall"] == 1.0

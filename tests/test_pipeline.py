@@ -26,7 +26,9 @@ def test_part2_beats_zero_prediction(pipeline):
         assert (d / f).is_file(), f
     m = json.loads((d / "metrics.json").read_text())
     red = m["held_out_test"]["residual_reduction"]
-    assert set(red) == {"both", "linear_only", "interaction_only"}
+    assert set(red) == {"both"} | {f"{p}_only[{h}_ablation]" for p in ("linear", "interaction") for h in ("mean", "zero")}
+    assert set(m["held_out_test"]["magnitude"]) == {f"{p}[{h}_ablation]" for p in ("linear", "interaction")
+                                                    for h in ("mean", "zero")}
     assert red["both"] > 0                                     # beats predicting zero on held-out data
     assert m["held_out_test"]["sae_plus_nfm_fvu"] < m["held_out_test"]["sae_fvu"]
     ctl = m["baseline_residual_sae"]

@@ -78,37 +78,58 @@ def test_tied_init_and_data_init_of_b_dec():
     assert torch.allclose(sae.b_dec, x.mean(0))
 
 
-def test_auxk_revives_only_dead_latents():
+def _dead_sae(dead):
     sae = _sae(dead_tokens=10)
-    x = torch.randn(32, 24, dtype=torch.float64)
-    loss0, logs0 = sae.loss(x)              # nothing is dead yet: AuxK is zero
-    assert logs0["auxk"] == 0.0
-    sae.zero_grad()
     with torch.no_grad():
         sae.since_fired.fill_(0)
-        dead = torch.arange(48, 96)
         sae.since_fired[dead] = 100
+    return sae
+
+
+@pytest.mark.parametrize("dead", [torch.arange(48, 96), torch.tensor([3, 17, 40, 41, 90])],
+                         ids=["48 dead > k_aux", "5 dead < k_aux"])
+def test_auxk_is_openais_recipe_against_a_dense_reference(dead):
+    sae = _dead_sae(dead)
+    x = torch.randn(32, 24, dtype=torch.float64) * 2 + 1
+    # the fused training path: the aux picks come from the main encoder matmul, sparse backward
     idx, val, picks = sae.encode_with_aux(x)
-    assert picks is not None and set(picks[0].unique().tolist()) <= set(dead.tolist())
-    x_hat = sae.decode(idx, val).detach()
-    total_var = (x - x.mean(0)).pow(2).sum()
-    aux = sae.auxk_loss(picks, x, x_hat, total_var)
+    x_hat = sae.decode(idx, val)
+    aux = sae.auxk_loss(picks, x, x_hat)
     assert aux > 0
     aux.backward()
-    rows = (sae.W_enc.grad.abs().sum(1) > 0).nonzero().squeeze(1)
-    assert len(rows) > 0 and set(rows.tolist()) <= set(dead.tolist())
     fused = {n: p.grad.clone() for n, p in sae.named_parameters()}
-    # plain autograd reference: a separate dense matmul over the dead latents, ReLU, top-k_aux, loop decode
-    # without b_dec (it is already inside x_hat)
+    rows = (fused["W_enc"].abs().sum(1) > 0).nonzero().squeeze(1)
+    assert len(rows) > 0 and set(rows.tolist()) <= set(dead.tolist())      # only dead latents learn from it
+    # openai/sparse_autoencoder train.py, written out densely: latents_pre_act with the live latents zeroed
+    # (auxk_mask_fn), top k_aux = d // 2 = 12, ReLU; decode_sparse adds pre_bias (= b_dec); loss
+    # normalized_mse(decode_sparse(...), x - recons.detach() + pre_bias.detach()) with
+    # normalized_mse(r, t) = mse(r, t) / mse(t.mean(0), t); no scale for few dead latents
     sae.zero_grad()
-    pre = torch.relu((x - sae.b_dec) @ sae.W_enc[dead].T + sae.b_enc[dead])
-    v, j = pre.topk(12, dim=-1)                      # k_aux = d // 2 = 12
-    e_hat = torch.stack([(v[b, :, None] * sae.W_dec[dead[j[b]]]).sum(0) for b in range(x.shape[0])])
-    expected = (e_hat - (x - x_hat)).pow(2).sum() / total_var
-    assert torch.allclose(aux, expected)
+    x_hat = x_hat.detach()
+    dead_mask = torch.zeros(96, dtype=torch.bool)
+    dead_mask[dead] = True
+    pre = (x - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    vals, inds = (pre * dead_mask).topk(12, dim=-1)
+    f = torch.zeros_like(pre).scatter(1, inds, torch.relu(vals))
+    recon = f @ sae.W_dec + sae.b_dec
+    target = x - x_hat + sae.b_dec.detach()
+    mse = lambda a, b: (a - b).pow(2).mean()
+    expected = mse(recon, target) / mse(target.mean(0).expand_as(target), target)
+    e = x - x_hat       # the denominator is the residual's variance, which here is far from x's
+    assert (e - e.mean(0)).pow(2).sum() < 0.9 * (x - x.mean(0)).pow(2).sum()
+    assert torch.allclose(aux, expected.detach(), rtol=1e-10)
     expected.backward()
     for n, p in sae.named_parameters():
         assert torch.allclose(fused[n], p.grad, atol=1e-10), n
+    assert sae.b_dec.grad.abs().sum() > 0       # b_dec cancels in the value, not in the gradient
+
+
+def test_auxk_is_zero_until_latents_die():
+    sae = _sae(dead_tokens=10)
+    x = torch.randn(32, 24, dtype=torch.float64)
+    assert sae.encode_with_aux(x)[2] is None
+    _, logs0 = sae.loss(x)                  # nothing is dead yet: AuxK is zero
+    assert logs0["auxk"] == 0.0
 
 
 def test_fused_aux_encode_keeps_the_main_code_and_its_gradients():

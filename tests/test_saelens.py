@@ -19,7 +19,8 @@ from common import checkpoint
 from common.cli import UserError
 from common.data import DataSpec
 from common.normalize import Normalizer
-from common.sae import SAEConfig, TopKSAE, load_sae_checkpoint
+from common.loading import load_sae_checkpoint
+from common.sae import SAEConfig, TopKSAE
 from common.saelens import export_saelens, is_saelens_dir, load_saelens
 
 D, N, K = 16, 64, 8

@@ -255,3 +255,49 @@ def test_cli_validate(tmp_path):
     assert ok.returncode == 0 and ok.stdout.startswith("ok: 50 sentences per cell") and "warning" not in ok.stdout
     okb = _cli("validate", "--buckets", str(STIM / "word_buckets_en.json"))
     assert okb.returncode == 0 and okb.stdout.startswith("ok: 4 buckets")
+
+
+# ------------------------------------------------------------------------------- blocks and the two halves
+
+def test_shipped_sets_declare_their_matched_topics():
+    for name in ("formality_emotion_en.json", "demo_formality_emotion.json"):
+        st = load_stimuli(ROOT / "stimuli" / name)
+        assert st.block_name == "topic" and len(st.row_blocks()) == len(st)
+        for k in st.cell_keys():                                      # position i is the same topic in every cell
+            assert st.block_labels[k] == st.block_labels[st.cell_keys()[0]]
+
+
+def test_halves_are_disjoint_deterministic_and_balanced_within_blocks():
+    import numpy as np
+    from common.stats import _balanced_within_blocks
+    st = load_stimuli(ROOT / "stimuli" / "formality_emotion_en.json")
+    sel, test, record = st.halves()
+    assert st.halves()[2] == record                                   # deterministic
+    assert len(sel) == len(test) == len(st) // 2
+    for k in st.cell_keys():
+        cell = "|".join(k)
+        s, t = set(record["selection"][cell]), set(record["test"][cell])
+        assert not s & t and s | t == set(range(len(st.cells[k])))
+        assert sel.cells[k] == [st.cells[k][i] for i in record["selection"][cell]]
+        assert set(sel.block_labels[k]) == set(test.block_labels[k]) == set(st.block_labels[k])
+    for half in (sel, test):
+        rows = half.rows()
+        cell = np.array([2 * (r[1] == half.levels_a[1]) + (r[2] == half.levels_b[1]) for r in rows])
+        assert _balanced_within_blocks(cell, np.array(half.row_blocks()))
+    nob = validate_stimuli(_good(), "mem")                            # without blocks: alternate in each cell
+    s, t, rec = nob.halves()
+    assert rec["selection"]["|".join(KEYS[0].split("|"))] == [0, 2] and rec["test"][KEYS[0]] == [1]
+
+
+@pytest.mark.parametrize("blocks,phrase", [
+    ({"name": "topic"}, 'a "labels" list'),
+    ({"name": "topic", "labels": ["a", "b"]}, "has 2 labels but every cell has 3"),
+    ({"name": "topic", "labels": ["a", "", "c"]}, "non-empty string"),
+    ("topic", 'must be an object'),
+])
+def test_malformed_blocks_give_one_line_errors(blocks, phrase):
+    obj = _good()
+    obj["blocks"] = blocks
+    with pytest.raises(StimulusError, match=phrase) as e:
+        validate_stimuli(obj, "mem")
+    assert "\n" not in str(e.value)

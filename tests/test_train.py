@@ -1,6 +1,7 @@
 import torch
 
-from common.train import fit, lr_factor, split_selection_test
+from common.data import heldout_half, split_selection_test
+from common.train import fit, lr_factor
 
 
 def test_lr_schedule_warmup_constant_decay():
@@ -31,9 +32,17 @@ def test_fit_keeps_the_best_state_not_the_last():
     assert [h["step"] for h in res.history] == [2, 4, 6, 8]
 
 
-def test_selection_and_test_halves_split_at_a_document_boundary():
-    x = torch.arange(20.0)[:, None]
-    docs = torch.tensor([0] * 6 + [1] * 8 + [2] * 6)
+def test_selection_and_test_halves_split_by_document_whatever_the_token_count():
+    """Each held-out document falls wholly in one half, fixed by its index: a stage that collects fewer or more
+    held-out tokens (or part6, which reads documents itself) puts every document in the same half."""
+    docs = torch.repeat_interleave(torch.arange(40), 5)                    # 40 documents of 5 tokens
+    x = torch.arange(200.0)[:, None]
     (xs, ds), (xt, dt) = split_selection_test(x, docs, docs)
-    assert not set(ds.tolist()) & set(dt.tolist())
-    assert xs.shape[0] + xt.shape[0] == 20 and xs.shape[0] == 6
+    assert not set(ds.tolist()) & set(dt.tolist()) and xs.shape[0] + xt.shape[0] == 200
+    assert all(heldout_half(d) == "selection" for d in ds.tolist()) and all(heldout_half(d) == "test" for d in dt.tolist())
+    assert 10 <= len(set(dt.tolist())) <= 30                                  # about half the documents each
+    (_, ds2), (_, dt2) = split_selection_test(x[:77], docs[:77], docs[:77])  # a shorter collection
+    assert set(dt2.tolist()) <= set(dt.tolist()) and set(ds2.tolist()) <= set(ds.tolist())
+    # without document indices: the first and second half of the rows
+    (xs, ), (xt, ) = split_selection_test(x, None)
+    assert xs[-1, 0] == 99 and xt[0, 0] == 100
