@@ -29,7 +29,7 @@ demo: .venv/.installed
 	$(PY) part4_nfm_inspector.py --overwrite --joint checkpoints/part5_joint --out checkpoints/part4_inspect_joint
 	$(PY) part7_gram_analysis.py --overwrite --sae checkpoints/part1_sae --joint checkpoints/part5_joint --out checkpoints/part7_gram
 	$(PY) part8_stimulus_response.py --overwrite --sae checkpoints/part1_sae --nfm checkpoints/part2_nfm --secondary checkpoints/part3_secondary_sae --out checkpoints/part8_stimuli
-	$(PY) part9_clamping_intervention.py --overwrite --part8 checkpoints/part8_stimuli --out checkpoints/part9_clamp
+	$(PY) part9_clamping_intervention.py --overwrite --sae checkpoints/part1_sae --nfm checkpoints/part2_nfm --secondary checkpoints/part3_secondary_sae --part8 checkpoints/part8_stimuli --out checkpoints/part9_clamp
 	@$(PY) -m common.summary $(STAGES)
 
 .venv/.installed-test: requirements-test.txt .venv/.installed

@@ -288,7 +288,7 @@ def main(argv=None):
     shown = [v for v in main_variants if v != "identity"]            # identity is 0: it has no place on a log axis
     pngs = [plots.bars_ci(shown, [results[v]["kl"] for v in shown],
                           [results[v]["kl_ci"] for v in shown], out / "kl_bars.png",
-                          f"KL(P_orig || P_spliced) per token, {n_docs} held-out documents (95% CI over documents)",
+                          f"KL(P_orig || P_spliced) per token, {n_docs} held-out test-half documents (95% CI over documents)",
                           "mean KL (nats)", log_y=True),
             plots.histogram_grid({v: kl_samples[v] for v in main_variants if v != "identity"}, out / "kl_histograms.png",
                                  "per-token KL (log10 nats)")]

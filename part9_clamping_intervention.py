@@ -20,7 +20,7 @@ level order, common/stats.py):
   p            the headline: the largest of the three p values; F, estimate and 95% CI come from min F'
                (se^2 = se_word^2 + se_prompt^2). tests/test_stats_design.py simulates crossed word and prompt
                random effects: this p rejects a true null at <= 7%, where the per-observation ANOVA with the
-               prompt as a block (what this stage used to run) rejects at 65-69%.
+               prompt as a block (what this stage used to run) rejects at 63-77%.
 Specificity: the same clamps on --null-features other features of the same space with the firing frequency on
 the prompts closest to the target's; the target's interaction min F' is placed in their distribution
 (empirical p = (1 + #{null >= target}) / (1 + N), percentile), plotted in null_distribution.png. A

@@ -34,6 +34,16 @@ def test_end_to_end_lists_the_readme_stages():
 
 
 @pytest.mark.parametrize("script", ["bench/bench_sparse_vs_dense.py", "bench/bench_collection.py",
-                                    "bench/bench_cache.py"])
+                                    "bench/bench_cache.py", "bench/bench_auxk_recipes.py",
+                                    "bench/part9_null_calibration.py", "bench/demo_seeds.py"])
 def test_other_benches_parse_their_arguments(script):
     assert "usage" in _run(script, "--help")
+
+
+def test_demo_seeds_reruns_every_stage_per_seed_in_its_own_folders():
+    out = _run("bench/demo_seeds.py", "--seeds", "3", "--dry-run")
+    stages = [line for line in out.splitlines() if line.startswith(".venv/bin/python part")]
+    assert len(stages) >= 11 and all(line.endswith("--seed 3") for line in stages)
+    for line in stages:                                  # every stage folder moved; the shared LM and cache not
+        outs = [w for w in line.split() if w.startswith("checkpoints/")]
+        assert outs and all(w.startswith("checkpoints/seeds/seed3/") for w in outs), line

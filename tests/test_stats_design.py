@@ -87,11 +87,11 @@ def test_contrasts_follow_the_declared_level_order():
 
 
 def test_headline_test_holds_its_level_and_has_power_under_crossed_random_effects():
-    """>= 200 simulated datasets in the demo's shape, no true effect: the headline p rejects at 5% in <= 7%
+    """400 simulated datasets in the demo's shape, no true effect: the headline p rejects at 5% in <= 7%
     for each effect. A planted interaction of moderate size (Cohen's f = 0.25 of the per-observation SD: a
     contrast of 1.8 with total SD 1.79) is detected in >= 80%."""
     rng = np.random.default_rng(12)
-    n = 200
+    n = 400
     null = {t: 0 for t in ("A", "B", "A:B")}
     power = 0
     for _ in range(n):
