@@ -409,3 +409,36 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(acts, earlier):
     assert (state / f"step-{kept:08d}.json").is_file() and (state / f"step-{kept:08d}.safetensors").is_file()
     after = snapshot(earlier, acts["good"])
     assert {k: v for k, v in after.items() if not k[1].startswith("train_state/")} == before   # results untouched
+
+
+# ------------------------------------------------------------------------- 14. issue 12: provenance
+
+def test_part9_refuses_a_part8_run_on_other_models(pipeline, earlier, tmp_path):
+    """part9 takes its default feature only from a part8 run on the very secondary SAE it clamps."""
+    p = pipeline
+    other = tmp_path / "part8_elsewhere"
+    other.mkdir()
+    (other / "metrics.json").write_text(json.dumps({"models": {"path": "sequential", "secondary": {
+        "path": "/elsewhere/p3", "content_hash": "0" * 64, "kind": "secondary_sae"}}}))
+    fails("part9_clamping_intervention.py", ["--sae", p / "p1", "--nfm", p / "p2", "--secondary", p / "p3",
+                                             "--part8", other, "--out", earlier, "--overwrite"],
+          re.compile(re.escape(f"--part8 {other} picked its features on the sequential model path with secondary "
+                               f"/elsewhere/p3 (hash 000000000000), but here the secondary is ")
+                     + r".*p3 \(hash [0-9a-f]{12}\); run part8 on these models or pass --feature N"),
+          [p / "p1", p / "p2", p / "p3", other, earlier])
+
+
+def test_an_nfm_without_path_means_is_refused(pipeline, earlier, tmp_path):
+    """An NFM checkpoint written before mean-ablation holds no path means: a one-line error, not a state-dict
+    traceback (and never a silent zero-ablation)."""
+    from safetensors.torch import load_file, save_file
+    old = Path(shutil.copytree(pipeline / "p2", tmp_path / "old_nfm"))
+    tensors = {k: v for k, v in load_file(str(old / "model.safetensors")).items()
+               if k not in ("linear_mean", "interaction_mean", "mean_tokens")}
+    save_file(tensors, str(old / "model.safetensors"))
+    cfg = json.loads((old / "config.json").read_text())
+    cfg["content_hash"] = checkpoint.file_hash(old / "model.safetensors")
+    (old / "config.json").write_text(json.dumps(cfg))
+    fails("part4_nfm_inspector.py", ["--nfm", old, "--out", earlier, "--overwrite"],
+          "this NFM checkpoint predates mean-ablation (it holds no path means); retrain it with part2 (or part5 for "
+          "a joint model)", [old, pipeline / "p1", earlier])
