@@ -16,7 +16,6 @@ overriding only `auxk_loss` (the fused AuxK selection, k_aux = min(d/2, n_dead),
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -91,11 +90,9 @@ def run_dataset(name, x_tr, x_te, a):
 
 
 def main():
-    from bench_sae_peers import demo_data, synthetic_data
+    from bench_sae_peers import bench_parser, demo_data, synthetic_data
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one round")
-    p.add_argument("--data", choices=("demo", "synthetic", "both"), default="both", help="data sets (default: both)")
+    p = bench_parser(__doc__)
     p.add_argument("--rounds", type=int, default=2, help="rounds = seeds 0..rounds-1 (default: 2)")
     a = p.parse_args()
     # bench_sae_peers.py's sizes (its defaults, and its --quick ones)

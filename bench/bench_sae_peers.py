@@ -221,10 +221,16 @@ def run_dataset(name, x_tr, x_te, a):
     return res
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments this bench shares with bench_auxk_recipes.py (the same data sets and smoke mode)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one round")
     p.add_argument("--data", choices=("demo", "synthetic", "both"), default="both", help="data sets (default: both)")
+    return p
+
+
+def main():
+    p = bench_parser(__doc__)
     p.add_argument("--n-latents", type=int, default=4096, help="dictionary size (default: 4096 = 16x the demo width)")
     p.add_argument("--k", type=int, default=32, help="TopK (default: 32)")
     p.add_argument("--batch", type=int, default=4096, help="tokens per step (default: 4096)")
