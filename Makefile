@@ -13,7 +13,7 @@ setup: .venv/.installed
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
-STAGES := checkpoints/part1_sae checkpoints/part2_nfm checkpoints/part3_secondary_sae checkpoints/part5_joint \
+STAGES := checkpoints/part1_sae checkpoints/part2_nfm checkpoints/conjunctions checkpoints/part3_secondary_sae checkpoints/part5_joint checkpoints/part5_poly \
           checkpoints/part3_secondary_sae_joint checkpoints/part6_kl checkpoints/part4_inspect_sequential \
           checkpoints/part4_inspect_joint checkpoints/part7_gram checkpoints/part8_stimuli checkpoints/part9_clamp
 
@@ -21,10 +21,12 @@ demo: .venv/.installed
 	$(PY) -m common.demo
 	$(PY) part1_train_topk_sae.py --overwrite --out checkpoints/part1_sae
 	$(PY) part2_train_residual_nfm.py --overwrite --sae checkpoints/part1_sae --out checkpoints/part2_nfm
+	$(PY) detect_conjunctions.py --overwrite --sae checkpoints/part1_sae --out checkpoints/conjunctions
 	$(PY) part3_train_secondary_sae.py --overwrite --nfm checkpoints/part2_nfm --out checkpoints/part3_secondary_sae
 	$(PY) part5_joint_sae_nfm.py --overwrite --sae checkpoints/part1_sae --out checkpoints/part5_joint
+	$(PY) part5_joint_sae_nfm.py --overwrite --decoder poly --sae checkpoints/part1_sae --baseline-sae checkpoints/part5_joint/baseline_sae --out checkpoints/part5_poly
 	$(PY) part3_train_secondary_sae.py --overwrite --joint checkpoints/part5_joint --out checkpoints/part3_secondary_sae_joint
-	$(PY) part6_kl_divergence.py --overwrite --sae checkpoints/part1_sae --nfm checkpoints/part2_nfm --joint checkpoints/part5_joint --docs 120 --out checkpoints/part6_kl
+	$(PY) part6_kl_divergence.py --overwrite --sae checkpoints/part1_sae --nfm checkpoints/part2_nfm --joint checkpoints/part5_joint --poly checkpoints/part5_poly --docs 120 --out checkpoints/part6_kl
 	$(PY) part4_nfm_inspector.py --overwrite --nfm checkpoints/part2_nfm --out checkpoints/part4_inspect_sequential
 	$(PY) part4_nfm_inspector.py --overwrite --joint checkpoints/part5_joint --out checkpoints/part4_inspect_joint
 	$(PY) part7_gram_analysis.py --overwrite --sae checkpoints/part1_sae --joint checkpoints/part5_joint --out checkpoints/part7_gram

@@ -5,12 +5,16 @@ reconstruction, r = x - x_hat. The NFM reads f and predicts r: a linear path W_l
 interaction path (bi-interaction pooling -> dropout -> MLP), see common/nfm.py. The SAE is frozen and used
 at the K it was trained with.
 
-Reported on held-out documents, as relative reduction of residual MSE (1 - ||r - r_hat||^2 / ||r||^2):
+Reported on held-out test documents (never used for training or model selection), as relative reduction of
+residual MSE (1 - ||r - r_hat||^2 / ||r||^2), each with a 95% bootstrap CI over documents:
   - the trained NFM with both paths, the linear path alone and the interaction path alone: the other path
     mean-ablated (replaced by its mean output on training tokens, which is saved with the NFM and used by
     every later stage), and, as a labelled second figure, zero-ablated;
-  - the control `--baseline residual_sae`: a secondary TopK SAE trained on r (r -> r_hat) with at least
-    as many parameters as the NFM.
+  - the control ladder (`--controls`, common/controls.py), each trained on the same tokens for the same steps:
+      linear_from_x  ridge from x to r (closed form)            mlp_on_code  a generic MLP on the code, the NFM's size
+      mlp_from_x     an MLP on x, the NFM's size                 residual_sae a TopK SAE on r, >= the NFM's size
+  - integration evidence: the NFM's reduction minus the best control that reads the same input (the code),
+    with a paired bootstrap CI; the claim that the NFM finds pairwise structure rests on it.
 
 Demo (after part1):
     python part2_train_residual_nfm.py
@@ -22,15 +26,16 @@ Several GPUs (DDP; --batch-size is the global batch):
     torchrun --standalone --nproc_per_node=4 part2_train_residual_nfm.py --preset paper --sae checkpoints/paper/part1_sae --out checkpoints/paper/part2_nfm
 
 Writes to --out: model.safetensors + config.json (NFM; records the SAE's content hash), metrics.json,
-training_curves.png, residual_reduction.png, and residual_sae/ (the control's checkpoint).
+training_curves.png, residual_reduction.png, controls/<name>/ (each trained control) and residual_sae/.
 """
 from __future__ import annotations
 
 import math
 import time
 
+import torch
 
-from common import checkpoint, cli, dist, plots
+from common import checkpoint, cli, controls, dist, plots
 from common.data import DataSpec, get_activations, split_selection_test
 from common.metrics import recon_stats, residual_reduction
 from common.nfm import PATHS, NFM, NFMConfig, combine_paths, predict, train_nfm
@@ -50,32 +55,38 @@ def build_parser():
     g.add_argument("--nfm-hidden", type=int, default=None, help="interaction MLP hidden width (default: --nfm-dim)")
     g.add_argument("--dropout", type=float, default=0.15, help="dropout on the bi-interaction vector (default: 0.15)")
     cli.add_training_args(p, 1e-3, "1e-3 for the NFM; the residual SAE control uses part1's default recipe")
-    b = p.add_argument_group("control")
-    b.add_argument("--baseline", choices=["residual_sae", "none"], default="residual_sae",
-                   help="also train a secondary TopK SAE on the residual with >= the NFM's parameter count "
-                        "(default: residual_sae)")
+    b = p.add_argument_group("controls")
+    b.add_argument("--controls", default="all",
+                   help="comma-separated controls to train beside the NFM, or 'all' / 'none': linear_from_x, "
+                        "mlp_on_code, mlp_from_x, residual_sae (default: all; see common/controls.py)")
     b.add_argument("--baseline-k", type=int, default=None, help="TopK of the residual SAE (default: the SAE's k)")
+    b.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples over documents (default: 1000)")
     cli.add_resume_args(p)
     return p
 
 
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part2")
+    control_names = controls.parse_controls(args.controls)
     dist.init(args)
     cli.seed_everything(args.seed)
     out = cli.prepare_out(args.out, args)
     ckpt = TrainCheckpoints(out, args)
     t0 = time.time()
+    timing = {}
 
     sae, norm, sae_cfg = load_sae_checkpoint(args.sae)
     d = sae.cfg.d
     acts = dist.main_first(lambda: get_activations(args, DataSpec.from_description(sae_cfg["data"]),
                                                    parent=sae_cfg["data"], width=d))
-    # [n, k] codes and [n, d] residuals, everything in the SAE's normalised space
-    train = codes_and_residuals(sae, norm.encode(acts.train))
-    idx_v, val_v, r_v = codes_and_residuals(sae, norm.encode(acts.val))
-    sel, test = split_selection_test(idx_v, acts.val_docs, val_v, r_v)   # (idx, val, r) each
-    x_test = split_selection_test(norm.encode(acts.val), acts.val_docs)[1][0]
+    # everything in the SAE's normalised space: x [n, d], codes (idx, val) [n, k], residuals r [n, d]
+    x_train = norm.encode(acts.train)
+    train = codes_and_residuals(sae, x_train)
+    x_val = norm.encode(acts.val)
+    docs_val = acts.val_docs if acts.val_docs is not None else torch.arange(x_val.shape[0])
+    sel, test = split_selection_test(x_val, acts.val_docs, *codes_and_residuals(sae, x_val), docs_val)
+    test_docs = test[4] if acts.val_docs is not None else None          # bootstrap units: documents (else rows)
+    (x_sel, *sel), (x_test, *test) = sel[:4], test[:4]                  # x, then the (idx, val, r) the NFM reads
 
     cfg = NFMConfig(n_features=sae.cfg.n_latents, d=d, dim=args.nfm_dim, hidden=args.nfm_hidden or args.nfm_dim,
                     dropout=args.dropout)
@@ -85,7 +96,9 @@ def main(argv=None):
     steps = cli.total_steps(args, train[0].shape[0])
     print(f"NFM on the residual of {args.sae}: dim={cfg.dim} hidden={cfg.hidden}, {nfm.param_counts()['total']:,} "
           f"parameters, {steps} steps of {args.batch_size} tokens")
+    t_nfm = time.time()
     fitres = train_nfm(nfm, *train, sel, steps, args.batch_size, args.lr, cli.eval_every(args, steps), args.seed, ckpt=ckpt)
+    timing["nfm_train_seconds"] = time.time() - t_nfm
 
     r_test = test[2]
     nfm.set_path_means(train[0], train[1])              # saved with the NFM: every later stage mean-ablates with it
@@ -96,19 +109,27 @@ def main(argv=None):
         "stage": "part2_train_residual_nfm",
         "held_out_test": {
             "n_tokens": int(r_test.shape[0]),
+            "n_documents": int(torch.unique(test_docs).numel()) if test_docs is not None else None,
             "residual_mse_zero_prediction": float(r_test.pow(2).mean()),
             "residual_reduction": reduction["residual_reduction"],
+            "residual_reduction_ci": {k: controls.reduction_ci(r_test, p, test_docs, args.n_boot, args.seed)["ci"]
+                                      for k, p in reduction["headline_predictions"].items()},
             "sae_fvu": sae_test["fvu"],
             "sae_plus_nfm_fvu": float((x_test - x_hat_test - reduction["prediction"]).pow(2).sum()
                                       / (x_test - x_test.mean(0)).pow(2).sum()),
             "magnitude": reduction["magnitude"],
         },
-        "definitions": "residual_reduction = 1 - sum||r - r_hat||^2 / sum||r||^2 on held-out documents not used "
-                       "for training or model selection. '<path>_only[mean_ablation]': the other path replaced by its "
-                       "mean output on training tokens (the headline ablation: the paths carry constant offsets "
+        "definitions": "residual_reduction = 1 - sum||r - r_hat||^2 / sum||r||^2 on held-out test documents not used "
+                       "for training or model selection; CIs: 95% percentile bootstrap over documents (over rows when "
+                       "the activations carry no document ids). '<path>_only[mean_ablation]': the other path replaced "
+                       "by its mean output on training tokens (the headline ablation: the paths carry constant offsets "
                        "that cancel); '[zero_ablation]': the other path deleted (measures the constant too). "
                        "magnitude[mean_ablation] = mean |path - its training mean|, what the path says about the "
-                       "token; magnitude[zero_ablation] = mean |path| (as the original study)",
+                       "token; magnitude[zero_ablation] = mean |path| (as the original study). controls: "
+                       + controls.__doc__.split("Why these")[0].split("\n\n", 1)[1].strip()
+                       + " integration_evidence: reduction(NFM, both paths) - max over controls that read the code "
+                         "(mlp_on_code) of reduction(control), same tokens, paired bootstrap CI over documents; "
+                         "interaction_path_gain: reduction(both) - reduction(linear_only[mean_ablation]).",
         "params": nfm.param_counts(),
         "train": {"steps": steps, "best_step": fitres.best_step, "lr": args.lr, "batch_size": args.batch_size,
                   "train_tokens": int(train[0].shape[0]), "path_mean_tokens": int(nfm.mean_tokens),
@@ -122,27 +143,58 @@ def main(argv=None):
             "hparams": nfm.hparams(), "data": acts.description, "train": metrics["train"], "seed": args.seed,
             "parents": {"sae": sae_ref}})
 
-    rr = reduction["residual_reduction"]
-    labels = ["NFM both", "linear only\n[mean_ablation]", "interaction only\n[mean_ablation]"]
-    values = [rr["both"], rr["linear_only[mean_ablation]"], rr["interaction_only[mean_ablation]"]]
-    if args.baseline == "residual_sae":
-        metrics["baseline_residual_sae"] = residual_sae_control(args, nfm, sae, train[2], sel[2], r_test, out, sae_ref,
-                                                                acts.description, ckpt)
-        labels.append("residual SAE")
-        values.append(metrics["baseline_residual_sae"]["residual_reduction"])
+    preds = dict(reduction["headline_predictions"])
+    data = {"x": (x_train, x_sel, x_test), "idx": (train[0], sel[0], test[0]), "val": (train[1], sel[1], test[1]),
+            "r": (train[2], sel[2], r_test)}
+    ctl = {}
+    for name in control_names:
+        t_ctl = time.time()
+        ctl[name], preds[name] = train_control(name, args, nfm, sae, data, out, sae_ref, acts.description, ckpt)
+        timing[f"{name}_seconds"] = time.time() - t_ctl       # kept out of held_out_test: results only there
+        ctl[name].update(controls.reduction_ci(r_test, preds[name], test_docs, args.n_boot, args.seed))
+    metrics["held_out_test"]["controls"] = ctl
+    metrics["control_checkpoints"] = {c: str(out / (c if c == "residual_sae" else f"controls/{c}")) for c in ctl}
+    metrics["held_out_test"]["interaction_path_gain"] = controls.gain_ci(
+        r_test, preds["both"], preds["linear_only[mean_ablation]"], test_docs, args.n_boot, args.seed)
+    code_ctl = [c for c in ctl if controls.READS[c] == "code"]
+    if code_ctl:
+        best = max(code_ctl, key=lambda c: ctl[c]["residual_reduction"])
+        metrics["held_out_test"]["integration_evidence"] = {
+            "best_code_control": best,
+            **controls.gain_ci(r_test, preds["both"], preds[best], test_docs, args.n_boot, args.seed)}
     if not dist.is_main():
         return                  # under torchrun, rank 0 writes the results
     metrics["seconds"] = time.time() - t0
+    metrics["train"].update(timing)
     cli.write_json(out / "metrics.json", metrics)
+    labels = {"both": "NFM both", "linear_only[mean_ablation]": "linear only\n[mean_ablation]",
+              "interaction_only[mean_ablation]": "interaction only\n[mean_ablation]", **{c: c for c in ctl}}
+    cis = {**metrics["held_out_test"]["residual_reduction_ci"], **{c: ctl[c]["ci"] for c in ctl}}
+    rr = {**reduction["residual_reduction"], **{c: ctl[c]["residual_reduction"] for c in ctl}}
+    shown = list(labels)
     pngs = [plots.training_curves(fitres.history, ["loss"], out / "training_curves.png",
                                   f"NFM on the SAE residual (dim {cfg.dim})", fitres.best_step),
-            plots.bars(labels, values, out / "residual_reduction.png",
-                       f"held-out residual reduction ({r_test.shape[0]} tokens; '[mean_ablation]': the other path "
-                       f"replaced by its training mean)",
-                       "1 - MSE(r - r_hat) / MSE(r)")]
-    print("held-out residual reduction: " + "  ".join(f"{l.replace(chr(10), ' ')}: {v:.4f}" for l, v in zip(labels, values)))
+            plots.bars_ci([labels[k] for k in shown], [rr[k] for k in shown], [cis[k] for k in shown],
+                          out / "residual_reduction.png",
+                          f"held-out residual reduction ({r_test.shape[0]} tokens, 95% CI over documents); NFM "
+                          f"{nfm.param_counts()['total']:,} parameters", "1 - MSE(r - r_hat) / MSE(r)")]
+    print_ladder(metrics["held_out_test"], labels, rr, cis, nfm.param_counts()["total"])
     ckpt.finish()
     cli.report(out, out / "metrics.json", pngs)
+
+
+def print_ladder(report: dict, labels: dict, rr: dict, cis: dict, nfm_params: int) -> None:
+    print(f"held-out residual reduction (95% CI over documents); NFM {nfm_params:,} parameters")
+    for k, label in labels.items():
+        n = report["controls"].get(k, {}).get("params")
+        size = f"  ({n:,} parameters)" if n else ""
+        print(f"  {label.replace(chr(10), ' '):34s} {rr[k]:+.4f} [{cis[k][0]:+.4f}, {cis[k][1]:+.4f}]{size}")
+    g = report["interaction_path_gain"]
+    print(f"  interaction path's gain over the linear path alone: {g['gain']:+.4f} [{g['ci'][0]:+.4f}, {g['ci'][1]:+.4f}]")
+    ev = report.get("integration_evidence")
+    if ev:
+        print(f"  integration evidence (NFM - best control on the code, {ev['best_code_control']}): "
+              f"{ev['gain']:+.4f} [{ev['ci'][0]:+.4f}, {ev['ci'][1]:+.4f}]")
 
 
 def path_ablations(nfm, idx, val, r) -> dict:
@@ -157,11 +209,44 @@ def path_ablations(nfm, idx, val, r) -> dict:
             reduction[f"{path}_only[{how}_ablation]"] = residual_reduction(r, combine_paths(out, (path,), nfm, how))
             centre = nfm.path_mean(path) if how == "mean" else 0
             magnitude[f"{path}[{how}_ablation]"] = float((out[path] - centre).abs().mean())
-    return {"residual_reduction": reduction, "magnitude": magnitude, "prediction": lin + inter}
+    headline = {"both": lin + inter, **{f"{p}_only[mean_ablation]": combine_paths(out, (p,), nfm, "mean") for p in PATHS}}
+    return {"residual_reduction": reduction, "magnitude": magnitude, "prediction": lin + inter,
+            "headline_predictions": headline}
 
 
-def residual_sae_control(args, nfm, sae, r_train, r_sel, r_test, out, sae_ref, data_desc, ckpt) -> dict:
+def train_control(name, args, nfm, sae, data, out, sae_ref, data_desc, ckpt) -> tuple[dict, torch.Tensor]:
+    """Train one control of the ladder on the NFM's training tokens; (its record, its test-half prediction)."""
+    if name == "residual_sae":
+        return residual_sae_control(args, nfm, sae, data["r"], out, sae_ref, data_desc, ckpt)
+    d, n_nfm = sae.cfg.d, nfm.param_counts()["total"]
+    x_tr, x_sel, x_te = data["x"]
+    r_tr, r_sel, _ = data["r"]
+    steps = cli.total_steps(args, r_tr.shape[0])
+    record = {"reads": controls.READS[name], "nfm_params": n_nfm}
+    if name == "linear_from_x":
+        model, info = controls.fit_ridge(x_tr, r_tr, x_sel, r_sel)
+        record.update(info, fitted="closed form on the training tokens; lambda picked on the selection half")
+    else:
+        hidden = controls.matched_hidden(name, n_nfm, d, sae.cfg.n_latents)
+        model = (controls.CodeMLP(sae.cfg.n_latents, d, hidden) if name == "mlp_on_code"
+                 else controls.XMLP(d, hidden)).to(module_device(nfm))
+        split = [controls.inputs(model, data["x"][i], data["idx"][i], data["val"][i]) for i in range(3)]
+        res = controls.train_regressor(model, split[0], r_tr, split[1], r_sel, steps, args.batch_size, args.lr,
+                                       cli.eval_every(args, steps), args.seed, f"train {name} (control)", ckpt=ckpt,
+                                       tag=name)
+        record.update(hidden=hidden, steps=steps, best_step=res.best_step, lr=args.lr)
+    pred = controls.predict(model, controls.inputs(model, x_te, data["idx"][2], data["val"][2]))
+    record["params"] = controls.n_params(model)
+    if dist.is_main():
+        checkpoint.save(out / "controls" / name, "control", {k: v.contiguous() for k, v in model.state_dict().items()}, {
+            "hparams": model.hparams(), "data": data_desc, "seed": args.seed, "parents": {"sae": sae_ref},
+            "train": {k: v for k, v in record.items() if k in ("steps", "best_step", "lr", "lambda")}})
+    return record, pred
+
+
+def residual_sae_control(args, nfm, sae, r, out, sae_ref, data_desc, ckpt) -> tuple[dict, torch.Tensor]:
     """A TopK SAE trained on the residual itself, with at least the NFM's parameter count."""
+    r_train, r_sel, r_test = r
     d, n_params = sae.cfg.d, nfm.param_counts()["total"]
     n_latents = math.ceil((n_params - d) / (2 * d + 1))   # 2*n*d weights + n + d biases >= NFM parameters
     k = min(args.baseline_k or sae.cfg.k, n_latents)
@@ -177,9 +262,8 @@ def residual_sae_control(args, nfm, sae, r_train, r_sel, r_test, out, sae_ref, d
         checkpoint.save(out / "residual_sae", "residual_sae", ctl.tensors(), {
             "hparams": ctl.hparams(), "data": data_desc, "seed": args.seed, "parents": {"sae": sae_ref},
             "train": {"steps": steps, "best_step": fitres.best_step}})
-    return {"residual_reduction": residual_reduction(r_test, r_hat), "params": n_ctl, "nfm_params": n_params,
-            "n_latents": n_latents, "k": k, "steps": steps, "best_step": fitres.best_step,
-            "checkpoint": str(out / "residual_sae")}
+    return ({"reads": "r", "params": n_ctl, "nfm_params": n_params, "n_latents": n_latents, "k": k, "steps": steps,
+             "best_step": fitres.best_step}, r_hat)
 
 
 if __name__ == "__main__":

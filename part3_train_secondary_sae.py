@@ -10,7 +10,9 @@ reduction when u is replaced by its secondary-SAE reconstruction (against the in
 
 With --joint, the same tensor of the joint model (part5): its shared code, its NFM interaction path (the
 reference never did this; it was the study's stated next step); the residual is then x minus the joint
-model's SAE path, which is what its NFM paths add to.
+model's SAE path, which is what its NFM paths add to. A PolySAE joint model (part5 --decoder poly) has no NFM:
+there the tensor is its interaction representation h = [a[:, :R2]^2, a[:, :R3]^3] (a = f U, the projection shared
+by its pairwise and triple terms; common/poly.py), which its interaction path maps linearly to the output.
 
 Demo (after part2; after part5 for --joint):
     python part3_train_secondary_sae.py
@@ -72,7 +74,10 @@ def load_nfm_and_sae(nfm_dir, sae_dir=None):
 
 @torch.no_grad()
 def nfm_with_hidden(nfm: NFM, idx, val, u) -> torch.Tensor:
-    """NFM output with its hidden layer u given (e.g. the secondary SAE's reconstruction)."""
+    """NFM output with its hidden layer u given (e.g. the secondary SAE's reconstruction). A PolySAE's decoder
+    (no linear path) gives its interaction path from its representation h."""
+    if "linear" not in nfm.PATHS:
+        return nfm.interaction_from_hidden(u)
     return nfm.linear(idx, val) + nfm.interaction_from_hidden(u)
 
 
@@ -84,8 +89,8 @@ def main(argv=None):
     t0 = time.time()
 
     if args.joint:
-        joint, norm, joint_cfg = load_joint_checkpoint(args.joint)
-        nfm, sae, data_desc = joint.nfm, joint.sae, joint_cfg["data"]
+        joint, norm, joint_cfg = load_joint_checkpoint(args.joint, allow_poly=True)
+        nfm, sae, data_desc = joint.interaction_model, joint.sae, joint_cfg["data"]
         parents = {"joint": checkpoint.parent_ref(joint_cfg)}
     else:
         nfm, nfm_cfg, sae, norm, sae_cfg = load_nfm_and_sae(args.nfm or "checkpoints/part2_nfm", args.sae)
@@ -105,13 +110,15 @@ def main(argv=None):
     u_sel = sel[0]
 
     hidden = nfm.cfg.hidden
+    poly = "linear" not in nfm.PATHS
+    what = ("PolySAE interaction representation h = [a[:, :R2]^2, a[:, :R3]^3], a = f U (width "
+            f"{hidden})" if poly else f"NFM hidden layer (post-MLP1, pre-ReLU, width {hidden})")
     steps = cli.total_steps(args, u_train.shape[0])
     cfg = SAEConfig(d=hidden, n_latents=args.n_latents or args.expansion * hidden, k=args.k,
                     dead_tokens=default_dead_tokens(steps, args.batch_size))
     sec = TopKSAE(cfg).to(device)
     lr = args.lr or default_lr(cfg.n_latents, args.optimizer)
-    print(f"secondary TopK SAE on the NFM hidden layer (post-MLP1, pre-ReLU, width {hidden}): "
-          f"n_latents={cfg.n_latents} k={cfg.k}, {steps} steps")
+    print(f"secondary TopK SAE on the {what}: n_latents={cfg.n_latents} k={cfg.k}, {steps} steps")
     fitres = train_sae(sec, unorm.encode(u_train), u_sel, steps, args.batch_size, lr,
                        cli.eval_every(args, steps), args.seed, "train secondary SAE", optimizer=args.optimizer,
                        ckpt=ckpt)
@@ -124,8 +131,11 @@ def main(argv=None):
     replaced = batched(with_hidden, idx_test, val_test, u_hat, device=module_device(nfm))
     metrics = {
         "stage": "part3_train_secondary_sae",
-        "input_tensor": "NFM interaction MLP hidden layer u = W_1 p + b_1 before ReLU (post-MLP1), eval mode, from "
-                        "the primary SAE's top-k code of the normalised layer activation",
+        "input_tensor": ("PolySAE interaction representation h = [a[:, :R2]^2, a[:, :R3]^3], a = f U (the projection "
+                         "shared by its pairwise and triple terms; its interaction path is lambda2 h2 C2^T + lambda3 h3 "
+                         "C3^T), from the joint code of the normalised layer activation" if poly else
+                         "NFM interaction MLP hidden layer u = W_1 p + b_1 before ReLU (post-MLP1), eval mode, from "
+                         "the primary SAE's top-k code of the normalised layer activation"),
         "source": "joint model " + args.joint if args.joint else "sequential NFM " + (args.nfm or "checkpoints/part2_nfm"),
         "held_out_test": {
             **test,
@@ -140,7 +150,8 @@ def main(argv=None):
         "history": fitres.history,
     }
     checkpoint.save(out, "secondary_sae", {**sec.tensors(), **unorm.tensors()}, {
-        "hparams": sec.hparams(), "normalize": args.normalize, "input": "nfm.hidden (post-MLP1, pre-ReLU)",
+        "hparams": sec.hparams(), "normalize": args.normalize,
+        "input": "poly.hidden ([a^2, a^3])" if poly else "nfm.hidden (post-MLP1, pre-ReLU)",
         "data": acts.description, "seed": args.seed, "train": {k: v for k, v in metrics["train"].items() if k != "seconds"},
         "parents": parents})
     cli.write_json(out / "metrics.json", metrics)

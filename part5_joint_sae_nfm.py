@@ -10,10 +10,19 @@ study did; the paths carry constant offsets that cancel, so zero-ablation measur
     own SAE path (the reference's "41.3%" used only the latter);
   - optionally the part1 SAE (--sae) on the same held-out tokens.
 
+--decoder poly trains a PolySAE instead (common/poly.py; Koromilas et al. 2026): the same TopK encoder and
+linear dictionary W_dec f + b_dec, plus a low-rank pairwise + triple interaction decoder of the code on a
+projection shared by both orders, in place of the NFM's two paths; same data, steps and recipe, its rank chosen
+so that its parameter count matches the joint NFM model that the same flags (--n-latents, --k, --nfm-dim,
+--nfm-hidden) build. Reported: the linear dictionary alone (interaction path mean-ablated, and zero-ablated)
+and the full model, against the same equal-parameter standalone SAE.
+
 Demo (after part1):
     python part5_joint_sae_nfm.py --sae checkpoints/part1_sae
 Paper setup (50k latents, K=1024, NFM dim 300; 5M tokens):
     python part5_joint_sae_nfm.py --preset paper --out checkpoints/paper/part5_joint
+PolySAE decoder instead of the NFM:
+    python part5_joint_sae_nfm.py --decoder poly --sae checkpoints/part1_sae --out checkpoints/part5_poly
 Your own activations:
     python part5_joint_sae_nfm.py --activations acts.safetensors --out checkpoints/mine/part5_joint
 Several GPUs (DDP; --batch-size is the global batch):
@@ -33,6 +42,7 @@ from common.joint import VARIANTS, JointModel, path_outputs
 from common.metrics import ReconAccumulator, recon_stats
 from common.loading import load_sae_checkpoint
 from common.nfm import NFMConfig, combine_paths
+from common.poly import VARIANTS as POLY_VARIANTS, PolyConfig, PolyJointModel, joint_nfm_param_count, matched_ranks
 from common.normalize import MODES, Normalizer
 from common.sae import SAEConfig, TopKSAE, default_dead_tokens, default_lr, encode_all, reconstruct_all, train_sae
 from common.train import TrainCheckpoints, fit
@@ -43,6 +53,9 @@ def build_parser():
     cli.add_common_args(p, "checkpoints/part5_joint")
     cli.add_data_args(p)
     g = p.add_argument_group("joint model")
+    g.add_argument("--decoder", choices=["nfm", "poly"], default="nfm",
+                   help="what the shared code feeds besides the SAE decoder: the NFM's linear + interaction paths, or "
+                        "a PolySAE pairwise + triple decoder of the joint NFM model's parameter count (default: nfm)")
     g.add_argument("--n-latents", type=int, default=2048, help="dictionary size of the shared encoder (default: 2048)")
     g.add_argument("--k", type=int, default=32, help="active latents per token (default: 32)")
     g.add_argument("--nfm-dim", type=int, default=64, help="NFM embedding dimension (default: 64)")
@@ -57,6 +70,24 @@ def build_parser():
     b.add_argument("--sae", default=None, metavar="DIR", help="also report this part1 SAE on the same held-out tokens")
     cli.add_resume_args(p)
     return p
+
+
+POLY_DESCRIPTION = ("poly: TopK encoder + linear dictionary W_dec f + b_dec + PolySAE interaction path lambda2 (fU[:, :R2])^2 "
+                    "C2^T + lambda3 (fU[:, :R3])^3 C3^T (Koromilas et al. 2026, github.com/pakoromilas/PolySAE "
+                    "sae_lens/saes/polysae.py, shared-U mode; common/poly.py); '[mean_ablation]' of 'sae' replaces "
+                    "the interaction path by its training mean")
+
+
+def build_poly(sae_cfg: SAEConfig, nfm_cfg: NFMConfig):
+    """The PolySAE joint model whose parameter count is nearest the joint NFM model's for the same flags
+    (ranks R2 >= R3), and the record of that matching."""
+    n, d = sae_cfg.n_latents, sae_cfg.d
+    target = joint_nfm_param_count(n, d, nfm_cfg.dim, nfm_cfg.hidden)
+    r2, r3 = matched_ranks(n, d, target)
+    model = PolyJointModel(sae_cfg, PolyConfig(n_features=n, d=d, rank2=r2, rank3=r3))
+    total = model.param_counts()["total"]
+    return model, {"rank2": r2, "rank3": r3, "joint_nfm_total": target,
+                   "relative_difference_to_joint_nfm": total / target - 1}
 
 
 def fvu_raw(norm: Normalizer, x_norm, x_hat_norm) -> float:
@@ -86,37 +117,53 @@ def main(argv=None):
                         dead_tokens=default_dead_tokens(steps, args.batch_size))
     nfm_cfg = NFMConfig(n_features=args.n_latents, d=d, dim=args.nfm_dim, hidden=args.nfm_hidden or args.nfm_dim,
                         dropout=args.dropout)
-    model = JointModel(sae_cfg, nfm_cfg).to(device)
+    poly = args.decoder == "poly"
+    if poly:
+        model, poly_match = build_poly(sae_cfg, nfm_cfg)
+        model = model.to(device)
+    else:
+        model = JointModel(sae_cfg, nfm_cfg).to(device)
     params = model.param_counts()
     lr = args.lr or default_lr(args.n_latents, "adam")
-    print(f"joint SAE+NFM d={d} n_latents={args.n_latents} k={args.k} nfm_dim={args.nfm_dim}: "
-          f"{params['total']:,} parameters, {steps} steps of {args.batch_size} tokens, lr {lr:.2e}")
+    if poly:
+        params = {**params, **poly_match}
+        print(f"joint SAE+PolySAE d={d} n_latents={args.n_latents} k={args.k} ranks R2={poly_match['rank2']} "
+              f"R3={poly_match['rank3']}: "
+              f"{params['total']:,} parameters (the joint NFM model of these flags: "
+              f"{poly_match['joint_nfm_total']:,}), {steps} steps of {args.batch_size} tokens, lr {lr:.2e}")
+    else:
+        print(f"joint SAE+NFM d={d} n_latents={args.n_latents} k={args.k} nfm_dim={args.nfm_dim}: "
+              f"{params['total']:,} parameters, {steps} steps of {args.batch_size} tokens, lr {lr:.2e}")
     model.sae.init_b_dec(x_train[:args.batch_size].to(device).float())
     # squared norm of each feature's effective linear decoder W_dec[i] + W_lin[i] at init, kept for part7
-    init_sq_norm = (model.sae.W_dec + model.nfm.W_lin).detach().pow(2).sum(1).cpu()
+    # (PolySAE: W_dec[i], its only linear decoder)
+    init_sq_norm = (model.sae.W_dec if poly else model.sae.W_dec + model.nfm.W_lin).detach().pow(2).sum(1).cpu()
+    paths_kept = model.PATHS
 
     def step_loss(idx):
         return model.loss(x_train[idx].to(device, non_blocking=True).float())
 
     def evaluate():
         o = path_outputs(model, x_sel)
-        f = fvu_raw(norm, x_sel, o["sae"] + o["linear"] + o["interaction"])
+        f = fvu_raw(norm, x_sel, sum(o[p] for p in paths_kept))
         return {"val_loss": f, "val_fvu": f}
 
     fitres = fit(model, x_train.shape[0], args.batch_size, steps, lr, step_loss, evaluate, cli.eval_every(args, steps),
-                 args.seed, "train joint SAE+NFM", before_step=model.sae.remove_parallel_grad,
-                 after_step=model.sae.renorm_decoder, ckpt=ckpt, tag="joint")
+                 args.seed, "train joint SAE+PolySAE" if poly else "train joint SAE+NFM",
+                 before_step=model.sae.remove_parallel_grad,
+                 after_step=model.after_step if poly else model.sae.renorm_decoder, ckpt=ckpt, tag="joint")
 
     # held-out report: every variant; a removed NFM path is mean-ablated (its training mean, saved with the
     # model), and zero-ablated as a labelled second figure
     stride = -(-x_train.shape[0] // (1 << 18))          # at most 2^18 evenly spaced training rows
-    model.nfm.set_path_means(*encode_all(model.sae, x_train[::stride]))
+    inter = model.interaction_model                     # the NFM, or the PolySAE's interaction decoder
+    inter.set_path_means(*encode_all(model.sae, x_train[::stride]))
     o = path_outputs(model, x_test)
     fvu = {}
-    for name, paths in VARIANTS.items():
+    for name, paths in (POLY_VARIANTS if poly else VARIANTS).items():
         for how in ("mean", "zero"):
             key = name if name == "full" else f"{name}[{how}_ablation]"
-            fvu[key] = fvu_raw(norm, x_test, combine_paths(o, paths, model.nfm, how))
+            fvu[key] = fvu_raw(norm, x_test, combine_paths(o, paths, inter, how))
     code_stats = recon_stats(model.sae, x_test)          # L0 / dead of the shared code (its FVU is the SAE path's)
     report = {"fvu": fvu, "l0": code_stats["l0"], "dead_fraction": code_stats["dead_fraction"],
               "n_tokens": int(x_test.shape[0])}
@@ -158,7 +205,8 @@ def main(argv=None):
         comparisons["part1_sae"] = {"path": args.sae, "params": sum(p.numel() for p in s1.parameters()),
                                     "fvu": fvu_raw(n1, n1.encode(x_test_raw), reconstruct_all(s1, n1.encode(x_test_raw)))}
 
-    metrics = {"stage": "part5_joint_sae_nfm", "held_out_test": report, "comparisons": comparisons, "params": params,
+    metrics = {"stage": "part5_joint_sae_nfm", **({"decoder": POLY_DESCRIPTION} if poly else {}),
+               "held_out_test": report, "comparisons": comparisons, "params": params,
                "definitions": "FVU in the LM's units on held-out documents not used for training or model selection; "
                               "'[mean_ablation]' replaces each removed NFM path by its mean output on training tokens "
                               "(the headline: the paths carry constant offsets that cancel), '[zero_ablation]' deletes "
@@ -172,16 +220,22 @@ def main(argv=None):
         "hparams": model.hparams(), "normalize": args.normalize, "data": acts.description, "seed": args.seed,
         "parents": {}, "train": {k: v for k, v in metrics["train"].items() if k != "seconds"}})
     cli.write_json(out / "metrics.json", metrics)
-    labels = ["joint: SAE path\n[mean_ablation]", "SAE+linear\n[mean_ablation]", "SAE+interaction\n[mean_ablation]",
-              "joint: all", "standalone SAE\n(same params)"]
-    values = [fvu["sae[mean_ablation]"], fvu["sae+linear[mean_ablation]"], fvu["sae+interaction[mean_ablation]"],
-              fvu["full"], base_fvu]
+    if poly:
+        labels = ["PolySAE: linear dictionary\n[mean_ablation]", "PolySAE: full", "standalone SAE\n(same params)"]
+        values = [fvu["sae[mean_ablation]"], fvu["full"], base_fvu]
+    else:
+        labels = ["joint: SAE path\n[mean_ablation]", "SAE+linear\n[mean_ablation]", "SAE+interaction\n[mean_ablation]",
+                  "joint: all", "standalone SAE\n(same params)"]
+        values = [fvu["sae[mean_ablation]"], fvu["sae+linear[mean_ablation]"], fvu["sae+interaction[mean_ablation]"],
+                  fvu["full"], base_fvu]
     if args.sae:
         labels.append("part1 SAE")
         values.append(comparisons["part1_sae"]["fvu"])
-    pngs = [plots.training_curves(fitres.history, ["fvu"], out / "training_curves.png", "joint SAE+NFM", fitres.best_step),
+    pngs = [plots.training_curves(fitres.history, ["fvu"], out / "training_curves.png",
+                                  "joint SAE+PolySAE" if poly else "joint SAE+NFM", fitres.best_step),
             plots.bars(labels, values, out / "fvu_by_variant.png",
-                       f"held-out FVU ({x_test.shape[0]} tokens; removed NFM paths mean-ablated)", "FVU")]
+                       f"held-out FVU ({x_test.shape[0]} tokens; removed "
+                       f"{'interaction path' if poly else 'NFM paths'} mean-ablated)", "FVU")]
     print("held-out FVU: " + "  ".join(f"{l.replace(chr(10), ' ')}: {v:.4f}" for l, v in zip(labels, values)))
     print(f"joint (all paths) vs standalone SAE of equal parameters: "
           f"{comparisons['joint_vs_standalone_relative_fvu_reduction']:+.1%}; vs its own SAE path: "

@@ -7,9 +7,14 @@ recorded in metrics.json ("evaluated_documents").
 
 Variants (the layer-L residual at every non-BOS, non-pad position replaced; BOS is left untouched and every
 statistic excludes it): identity (must give KL 0), the sequential SAE alone, SAE + full NFM, SAE + one NFM
-path, the joint model with all paths and with its SAE path plus none or one NFM path, the part5
+path, the joint model with all paths and with its SAE path plus none or one NFM path (and, with --poly, the
+PolySAE joint model of part5 --decoder poly: 'poly_full' and its linear dictionary alone), the part5
 parameter-matched standalone SAE, zero ablation and mean ablation of the whole activation (the training-set
-mean activation). A removed NFM path is mean-ablated, replaced by its mean output on training tokens (saved
+mean activation). The control ladder (common/controls.py), spliced the same way beside the NFM: SAE + each
+control that part2 trained ('sae+linear_from_x', 'sae+mlp_on_code', 'sae+mlp_from_x', 'sae+residual_sae'),
+and 'sae+kl_adapter', a KL-restoring control trained here (common/kl_adapter.py, Karvonen 2025): the SAE plus
+a linear adapter on x and the code, fitted on KL to the original next-token distribution; its budget
+(parameters against the NFM's, steps, tokens) is in metrics.json ("kl_adapter"). A removed NFM path is mean-ablated, replaced by its mean output on training tokens (saved
 with the NFM): '...[mean_ablation]', the headline, since the two paths carry constant offsets that cancel;
 '...[zero_ablation]', the path deleted, is a labelled second figure (without random baselines). Every
 reconstruction is computed through the normalisation saved with its model and mapped back to the LM's units.
@@ -39,11 +44,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common import cli, plots
+from common import cli, controls, plots
 from common.data import (DataSpec, batch_sequences, cached_activations, iter_test_half_sequences, keep_mask,
                          model_fingerprint)
 from common.hooks import splice
-from common.joint import load_joint_checkpoint
+from common.controls import CONTROLS
+from common.joint import load_joint_checkpoint, variants
+from common.kl_adapter import train_kl_adapter
 from common.models import load_model, resolve_model_path
 from common.nfm import PATHS, combine_paths, load_nfm_checkpoint
 from common.loading import load_sae_checkpoint
@@ -54,7 +61,10 @@ from common.stats import paired_difference, ratio_of_sums_ci
 COMPARISONS = [("sae+nfm", "sae"), ("sae+nfm_linear[mean_ablation]", "sae"), ("sae+nfm_interaction[mean_ablation]", "sae"),
                ("joint_full", "joint_sae[mean_ablation]"), ("joint_sae+linear[mean_ablation]", "joint_sae[mean_ablation]"),
                ("joint_sae+interaction[mean_ablation]", "joint_sae[mean_ablation]"),
-               ("joint_full", "sae+nfm"), ("joint_full", "standalone_sae"), ("sae", "eps_random[sae]")]
+               ("joint_full", "sae+nfm"), ("joint_full", "standalone_sae"), ("sae", "eps_random[sae]"),
+               ("poly_full", "joint_full"), ("poly_full", "standalone_sae"), ("poly_full", "poly_sae[mean_ablation]")]
+# the NFM beside each control, and each control against the SAE alone
+COMPARISONS += [(a, b) for c in (*CONTROLS, "kl_adapter") for a, b in (("sae+nfm", f"sae+{c}"), (f"sae+{c}", "sae"))]
 
 
 def build_parser():
@@ -65,12 +75,23 @@ def build_parser():
                    help="part2 output folder; '' to skip the sequential NFM variants (default: checkpoints/part2_nfm)")
     p.add_argument("--joint", default="checkpoints/part5_joint",
                    help="part5 output folder; '' to skip the joint variants (default: checkpoints/part5_joint)")
+    p.add_argument("--poly", default="",
+                   help="a part5 --decoder poly output folder (PolySAE) to splice beside the joint NFM model as "
+                        "'poly_*' variants; '' skips it (default: '')")
     p.add_argument("--docs", type=int, default=200,
                    help="held-out documents to evaluate, all from the test half (default: 200)")
     p.add_argument("--lm-batch-size", type=int, default=32, help="sequences per LM forward pass (default: 32)")
     p.add_argument("--cov-tokens", type=int, default=20_000,
                    help="training tokens used for the mean activation and the error covariances (default: 20000)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples over documents (default: 1000)")
+    p.add_argument("--controls", default="all",
+                   help="controls of the --nfm folder to splice beside it (part2's --controls), or 'none' "
+                        "(default: all that part2 trained)")
+    p.add_argument("--kl-adapter-steps", type=int, default=100,
+                   help="steps of the KL-restoring linear adapter (SAE + adapter trained on KL); 0 skips it "
+                        "(default: 100; the paper preset 2000)")
+    p.add_argument("--kl-adapter-batch", type=int, default=8, help="training sequences per adapter step (default: 8)")
+    p.add_argument("--kl-adapter-lr", type=float, default=1e-4, help="Adam learning rate of the adapter (default: 1e-4)")
     p.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / "checkpoints" / "activation_cache"),
                    help="activation cache used for the training-set statistics (default: checkpoints/activation_cache)")
     return p
@@ -79,9 +100,12 @@ def build_parser():
 class Spliceable:
     """All replacements of kept positions h [n, d] (LM units) by each variant."""
 
-    def __init__(self, sae, norm, nfm, joint, joint_norm, base, base_norm):
+    def __init__(self, sae, norm, nfm, joint, joint_norm, base, base_norm, ctls=None):
         self.sae, self.norm, self.nfm = sae, norm, nfm
         self.joint, self.joint_norm, self.base, self.base_norm = joint, joint_norm, base, base_norm
+        self.controls = ctls or {}            # name -> model of x, of the code or of r (common/controls.py)
+        self.kl_adapter = None
+        self.poly = self.poly_norm = None      # a part5 --decoder poly model (PolySAE), spliced as 'poly_*'
 
     @torch.no_grad()
     def reconstructions(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -94,14 +118,23 @@ class Spliceable:
             for keep in PATHS:
                 for how in ("mean", "zero"):
                     out[f"sae+nfm_{keep}[{how}_ablation]"] = x_hat + combine_paths(paths, (keep,), self.nfm, how)
+        for name, ctl in self.controls.items():
+            pred = ctl(x - x_hat)[0] if name == "residual_sae" else ctl(*controls.inputs(ctl, x, idx, val))
+            out[f"sae+{name}"] = x_hat + pred
+        if self.kl_adapter is not None:
+            out["sae+kl_adapter"] = x_hat + self.kl_adapter(x, idx, val)
         rec = {k: self.norm.decode(v) for k, v in out.items()}
-        if self.joint is not None:
-            paths, _, _ = self.joint.paths(self.joint_norm.encode(h))
-            rec["joint_full"] = self.joint_norm.decode(paths["sae"] + paths["linear"] + paths["interaction"])
-            for name, keep in (("joint_sae", ("sae",)), ("joint_sae+linear", ("sae", "linear")),
-                               ("joint_sae+interaction", ("sae", "interaction"))):
+        for prefix, model, jnorm in (("joint", self.joint, self.joint_norm), ("poly", self.poly, self.poly_norm)):
+            if model is None:
+                continue
+            paths, _, _ = model.paths(jnorm.encode(h))
+            rec[f"{prefix}_full"] = jnorm.decode(sum(paths[p] for p in model.PATHS))
+            for name, keep in variants(model).items():       # nfm: sae, sae+linear, sae+interaction; poly: sae
+                if name == "full":
+                    continue
                 for how in ("mean", "zero"):
-                    rec[f"{name}[{how}_ablation]"] = self.joint_norm.decode(combine_paths(paths, keep, self.joint.nfm, how))
+                    rec[f"{prefix}_{name}[{how}_ablation]"] = jnorm.decode(
+                        combine_paths(paths, keep, model.interaction_model, how))
         if self.base is not None:
             rec["standalone_sae"] = self.base_norm.decode(self.base(self.base_norm.encode(h))[0])
         return rec
@@ -162,16 +195,32 @@ def main(argv=None):
             base, base_norm, _ = load_sae_checkpoint(Path(args.joint) / "baseline_sae")
     if sae_cfg["data"].get("model_fingerprint") not in (None, model_fingerprint(resolve_model_path(spec.model))):
         raise cli.UserError(f"the model {spec.model} has changed on disk since --sae was trained; retrain from part1")
-    sp = Spliceable(sae, norm, nfm, joint, joint_norm, base, base_norm)
+    ctls = controls.load_controls(args.nfm, args.controls, sae_cfg) if nfm is not None else {}
+    sp = Spliceable(sae, norm, nfm, joint, joint_norm, base, base_norm, ctls)
+    if args.poly:
+        sp.poly, sp.poly_norm, poly_cfg = load_joint_checkpoint(args.poly, "--poly", allow_poly=True)
+        if poly_cfg["hparams"].get("decoder") != "poly":
+            raise cli.UserError(f"--poly {args.poly} holds a joint NFM model; pass a part5 --decoder poly folder "
+                                f"(the NFM one goes to --joint)")
+        pspec = DataSpec.from_description(poly_cfg["data"])
+        if pspec is None or (pspec.model, pspec.layer) != (spec.model, spec.layer):
+            raise cli.UserError(f"--poly {args.poly} was not trained on {spec.model} layer {spec.layer} like --sae "
+                                f"{args.sae}; pass models of the same layer")
 
     model, tok, _ = load_model(spec.model, args.dtype, args.device)
     device = next(model.parameters()).device
-    for m in (sae, nfm, joint, base):
+    for m in (sae, nfm, joint, base, sp.poly, *ctls.values()):
         if m is not None:
             m.to(device).eval()
-    for n_ in (norm, joint_norm, base_norm):
+    for n_ in (norm, joint_norm, base_norm, sp.poly_norm):
         if n_ is not None:
             n_.to(device)
+    kl_budget = None
+    if args.kl_adapter_steps > 0:
+        sp.kl_adapter, kl_budget = train_kl_adapter(model, tok, spec, sae, norm, args.kl_adapter_steps,
+                                                    args.kl_adapter_batch, args.kl_adapter_lr, args.seed)
+        kl_budget["nfm_params"] = nfm.param_counts()["total"] if nfm is not None else None
+        sp.kl_adapter.eval().requires_grad_(False)
     # the SAE's own training activations (same tokens, same stored precision) for the covariance baseline
     x_train, _ = cached_activations(spec, "train", sae_cfg["data"]["train_tokens"], args.lm_batch_size, args.cache_dir,
                                     args.dtype, args.device, {"model": model, "tokenizer": tok},
@@ -273,9 +322,12 @@ def main(argv=None):
                "layer": spec.layer, "model": spec.model, "dataset": spec.dataset,
                "split": "validation (held out by document), test half only (common/data.py heldout_half)",
                "evaluated_documents": doc_ids.tolist(),
+               "controls": {name: {"params": controls.n_params(m), "checkpoint": str(Path(args.nfm) / (
+                   name if name == "residual_sae" else f"controls/{name}"))} for name, m in ctls.items()},
+               "kl_adapter": kl_budget,
                "definitions": __doc__.split("Demo")[0].strip(), "seconds": time.time() - t0,
                "inputs": {"sae": args.sae, "nfm": args.nfm if nfm is not None else None,
-                          "joint": args.joint if joint is not None else None}}
+                          "joint": args.joint if joint is not None else None, "poly": args.poly or None}}
     cli.write_json(out / "metrics.json", metrics)
     with open(out / "kl.csv", "w", newline="") as f:
         w = csv.writer(f)

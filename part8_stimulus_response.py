@@ -26,8 +26,13 @@ their combination, and which primary-feature *pairs* drive each integration feat
   - NFM output boxplots show each path minus its mean output on training tokens (mean-ablation: the paths
     carry constant offsets that cancel), on the test half.
   - --joint: the joint model's SAE and NFM paths replace --sae/--nfm, and --secondary must be a part3 --joint
-    run. metrics.json records the content hash of every model used ("models"), so part9 takes its default
-    feature only from a part8 run on the same models.
+    run. A PolySAE joint model (part5 --decoder poly) stands in for the NFM through its pairwise factors u_i =
+    U[i, :R2] (common/poly.py): the "NFM dimensions" are the coordinates of p = sum_{i<j} f_i f_j (u_i * u_j), and
+    its quadratic representation is a^2 = 2 p + sum_i f_i^2 u_i^2, so the pair attribution of a secondary feature
+    is exact for the pairwise cross terms of the quadratic block; its self terms and cubic (triple) block are not
+    attributed to pairs. Only the interaction path is boxplotted (it has no linear path). metrics.json records
+    the content hash of every model used ("models"), so part9 takes its default feature only from a part8 run
+    on the same models.
 
 Demo (after part1-part3):
     python part8_stimulus_response.py
@@ -248,7 +253,7 @@ def main(argv=None, http_client=None):
     if nfm is not None:
         result["nfm_dimensions"] = nfm_dimensions(nfm, sel, levels, top[names["A"]][0]["feature"],
                                                   top[names["B"]][0]["feature"], args.top)
-        nfm_box = {f"NFM {path} output - its training mean (norm)": tst.path_norms(nfm, path) for path in ("linear", "interaction")}
+        nfm_box = {f"NFM {path} output - its training mean (norm)": tst.path_norms(nfm, path) for path in nfm.PATHS}
         if sec is not None:
             S_sel, S_test = sel.secondary(nfm, sec, unorm), tst.secondary(nfm, sec, unorm)
             s_active = S_sel.std(0) > 1e-9
@@ -261,6 +266,10 @@ def main(argv=None, http_client=None):
                 "held_out_confirmation": confirm(S_test, tst.a, tst.b, tst.block, levels,
                                                  {"A:B": [r["feature"] for r in top_int]}, args.seed),
                 "pair_attribution": secondary_pairs(nfm, sec, unorm, sel, top_int[:3], args.top)}
+            if hasattr(nfm, "hidden_per_pooled"):           # a PolySAE (common/poly.py)
+                result["secondary"]["pair_attribution_scope"] = (
+                    "PolySAE: exact for the pairwise cross terms 2 f_i f_j (u_i * u_j) of the quadratic block of h; "
+                    "its self terms f_i^2 u_i^2 and its cubic (triple) block are not attributed to pairs")
             write_anova_csv(out / "secondary_anova.csv", stab, s_active)
             if top_int:
                 box[f"secondary {top_int[0]['feature']} (top interaction)"] = S_test[:, top_int[0]["feature"]]
@@ -324,7 +333,9 @@ def nfm_dimensions(nfm, sel: Half, levels, fa: int, fb: int, top: int) -> dict:
 def secondary_pairs(nfm, sec, unorm, sel: Half, features: list[dict], top: int) -> list[dict]:
     """Exact pair attribution for the top secondary features: their pre-activation is
     W_enc[s] . ((W_1 p + b_1 - shift) / scale - b_dec) + b_enc, affine in p."""
-    W1, Vt = nfm.mlp1.weight.detach().cpu(), nfm.V.detach().cpu()
+    # d u / d p: the NFM's W_1; a PolySAE's [2 I; 0] (its pairwise cross terms; common/poly.py hidden_per_pooled)
+    W1 = (nfm.hidden_per_pooled() if hasattr(nfm, "hidden_per_pooled") else nfm.mlp1.weight).detach().cpu()
+    Vt = nfm.V.detach().cpu()
     out = []
     for r in features:
         s = r["feature"]

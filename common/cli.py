@@ -51,7 +51,7 @@ PRESETS = {
         "part3": {**PAPER_COMMON, "expansion": 25, "k": 150, "train_tokens": 1_000_000, "batch_size": 4096},
         "part5": {**PAPER_COMMON, "n_latents": 50_000, "k": 1024, "nfm_dim": 300, "train_tokens": 5_000_000,
                   "batch_size": 4096},
-        "part4": PAPER_COMMON, "part6": {**PAPER_COMMON, "docs": 2000}, "part7": PAPER_COMMON,
+        "part4": PAPER_COMMON, "detect": PAPER_COMMON, "part6": {**PAPER_COMMON, "docs": 2000, "kl_adapter_steps": 2000}, "part7": PAPER_COMMON,
         "part9": {**PAPER_COMMON, "buckets": str(Path(__file__).resolve().parent.parent / "stimuli" / "word_buckets_en.json"),
                   "prompts": str(Path(__file__).resolve().parent.parent / "stimuli" / "formality_emotion_en.json")},
         "interpret": {**PAPER_COMMON, "docs": 2000},

@@ -163,11 +163,17 @@ def iter_test_half_sequences(tokenizer, spec: "DataSpec", n_docs: int) -> Iterat
     """(token ids, slot, document index) for the sequences of the first n_docs *test-half* held-out documents
     (`heldout_half`): slot counts those documents 0..n_docs-1, the document index is its place in the
     held-out stream (the doc_ids of the activation cache). What part6 and interpret_features evaluate."""
+    return iter_heldout_half_sequences(tokenizer, spec, n_docs, "test")
+
+
+def iter_heldout_half_sequences(tokenizer, spec: "DataSpec", n_docs: int, half: str
+                                ) -> Iterator[tuple[list[int], int, int]]:
+    """As iter_test_half_sequences, for either half ("selection" picks a best step, "test" reports)."""
     slot = 0
     for di, doc in enumerate(iter_documents(spec.dataset, "validation", spec.val_fraction)):
         if slot == n_docs:
             return
-        if heldout_half(di) != "test":
+        if heldout_half(di) != half:
             continue
         for ids, _ in iter_sequences(tokenizer, [doc], spec.seq_len):
             yield ids, slot, di

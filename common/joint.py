@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import dist
+from .errors import UserError
 from .nfm import NFM, NFMConfig, require_path_means
 from .sae import SAEConfig, TopKSAE, TransposedCode
 
@@ -27,10 +28,18 @@ VARIANTS = {"sae": ("sae",), "sae+linear": ("sae", "linear"), "sae+interaction":
 
 
 class JointModel(nn.Module):
+    PATHS = ("sae", "linear", "interaction")
+    KIND = "nfm"
+
     def __init__(self, sae_cfg: SAEConfig, nfm_cfg: NFMConfig):
         super().__init__()
         self.sae = TopKSAE(sae_cfg)
         self.nfm = NFM(nfm_cfg)
+
+    @property
+    def interaction_model(self) -> NFM:
+        """The module behind the non-SAE paths (PolyJointModel: its polynomial decoder)."""
+        return self.nfm
 
     def paths(self, x: torch.Tensor, aux: bool = False):
         """Each path's output [batch, d] for normalised x [batch, d], and the code (idx, val)
@@ -76,22 +85,44 @@ class JointModel(nn.Module):
         return m.eval()
 
 
-def load_joint_checkpoint(path, flag: str = "--joint"):
-    """(joint model, normalizer, config) from a part5 checkpoint folder."""
+def load_joint_checkpoint(path, flag: str = "--joint", allow_poly: bool = False):
+    """(joint model, normalizer, config) from a part5 checkpoint folder: a JointModel, or, for a folder written
+    by part5 --decoder poly, a common.poly.PolyJointModel when the caller reads one (allow_poly); otherwise
+    that is a one-line UserError."""
     from .checkpoint import load
     from .normalize import Normalizer
 
     tensors, cfg = load(path, "joint", flag)
-    return JointModel.from_tensors(tensors, cfg["hparams"]), Normalizer.from_tensors(tensors, cfg["normalize"]), cfg
+    decoder = cfg["hparams"].get("decoder", "nfm")
+    if decoder == "poly":
+        if not allow_poly:
+            raise UserError(f"{flag} {path} is a PolySAE joint model (part5 --decoder poly), which this stage cannot "
+                            f"read (it needs the NFM's linear path and MLP); pass a part5 folder trained with "
+                            f"--decoder nfm")
+        from .poly import PolyJointModel
+        model = PolyJointModel.from_tensors(tensors, cfg["hparams"])
+    elif decoder == "nfm":
+        model = JointModel.from_tensors(tensors, cfg["hparams"])
+    else:
+        raise UserError(f"{flag} {path} has an unknown joint decoder {decoder!r}; pass a part5 folder")
+    return model, Normalizer.from_tensors(tensors, cfg["normalize"]), cfg
+
+
+def variants(model) -> dict:
+    """The variants part5 reports for this joint model: name -> the paths kept."""
+    if getattr(model, "KIND", "nfm") == "poly":
+        from .poly import VARIANTS as POLY_VARIANTS
+        return POLY_VARIANTS
+    return VARIANTS
 
 
 @torch.no_grad()
 def path_outputs(model: JointModel, x: torch.Tensor, batch: int = 4096) -> dict[str, torch.Tensor]:
-    """Each path's output for many normalised rows, on the CPU."""
+    """Each path's output for many normalised rows, on the CPU (model.PATHS: a PolyJointModel has no "linear")."""
     from .train import batched, module_device
 
     model.eval()
-    names = ("sae", "linear", "interaction")
+    names = model.PATHS
     outs = batched(lambda xb: tuple(model.paths(xb.float())[0][n] for n in names), x, batch=batch,
                    device=module_device(model))
     return dict(zip(names, outs))

@@ -53,8 +53,11 @@ def load_model_path(stage: str, sae: str | None = None, nfm: str | None = None, 
 
     nfm_model = parent_cfg = None
     if joint:
-        joint_model, norm, parent_cfg = load_joint_checkpoint(joint)
-        sae_model, nfm_model, role, flag, source = joint_model.sae, joint_model.nfm, "joint", "--joint", joint
+        # a PolySAE joint model (part5 --decoder poly) stands in for the NFM where only its pairwise factors and
+        # interaction representation are read (part8, interpretation); part9's linear-path control needs an NFM
+        joint_model, norm, parent_cfg = load_joint_checkpoint(joint, allow_poly=stage in ("part8", "interpretation"))
+        sae_model, nfm_model, role, flag, source = (joint_model.sae, joint_model.interaction_model, "joint", "--joint",
+                                                    joint)
         spec = DataSpec.from_description(parent_cfg["data"])
         refs = {"path": "joint", "joint": parent_ref(parent_cfg)}
     else:

@@ -182,6 +182,8 @@ class _BiInteraction(torch.autograd.Function):
 
 
 class NFM(nn.Module):
+    PATHS = PATHS
+
     def __init__(self, cfg: NFMConfig):
         super().__init__()
         cfg.validate()
@@ -326,12 +328,13 @@ def require_path_means(state: dict, prefix: str = "") -> None:
 def combine_paths(outputs: dict, keep, nfm: NFM, ablation: str = "mean") -> torch.Tensor:
     """The sum of outputs[p] for p in `keep`; each NFM path ("linear", "interaction") not in keep is removed
     by its mean output on training tokens (ablation="mean", the default) or deleted (ablation="zero").
-    Other keys (the joint model's "sae" path) are simply summed when kept."""
+    Other keys (the joint model's "sae" path) are simply summed when kept. `nfm` may also be a PolySAE's
+    decoder (common/poly.py), whose only path is "interaction" (its `PATHS`)."""
     if ablation not in ("mean", "zero"):
         raise ValueError(ablation)
     out = sum(outputs[p] for p in keep)
     if ablation == "mean":
-        for p in PATHS:
+        for p in nfm.PATHS:
             if p not in keep:
                 out = out + nfm.path_mean(p).to(outputs[p].device, outputs[p].dtype)
     return out

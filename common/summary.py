@@ -16,8 +16,12 @@ def headline(m: dict) -> str:
         red = h["residual_reduction"]
         s = (f"residual reduction: both {red['both']:.3f}, linear only {red['linear_only[mean_ablation]']:.3f}, "
              f"interaction only {red['interaction_only[mean_ablation]']:.3f} (other path mean-ablated)")
-        if "baseline_residual_sae" in m:
-            s += f"; residual-SAE control {m['baseline_residual_sae']['residual_reduction']:.3f}"
+        for name, c in h.get("controls", {}).items():
+            s += f"; {name} {c['residual_reduction']:.3f}"
+        ev = h.get("integration_evidence")
+        if ev:
+            s += (f"; integration evidence (NFM - {ev['best_code_control']}) {ev['gain']:+.4f} "
+                  f"[{ev['ci'][0]:+.4f}, {ev['ci'][1]:+.4f}]")
         return s
     if stage.startswith("part4"):
         return (f"{m['model']} NFM: linear share of output magnitude {h['linear_share_of_output_magnitude[mean_ablation]']:.1%} "
@@ -49,6 +53,11 @@ def headline(m: dict) -> str:
             f"{k} F {v['A:B']['F']:.2f} p {v['A:B']['p']:.3g}"
             + (f" (null-feature percentile {spec[k]['percentile']:.0f})" if k in spec else "") for k, v in tested)
                 ) if tested else "no logit changed"
+    if stage.startswith("detect_conjunctions"):
+        top = ", ".join(f"{r['latent']} = {r['parent_a']} & {r['parent_b']}" for r in m["conjunction_latents"][:3])
+        return (f"{m['n_conjunction_latents']} conjunction latents among {m['n_examined']} examined "
+                f"({m['n_conjunction_latents_also_detected_on_held_out_rows']} also on held-out test rows)"
+                + (f"; top: {top}" if top else ""))
     if stage.startswith("part7"):
         return "; ".join(f"{name}: sq-norm mean {r['squared_norm_mean']:.3f}, two modes {r['bimodality']['two_modes']}"
                          for name, r in m["models"].items())

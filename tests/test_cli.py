@@ -6,7 +6,7 @@ import pytest
 from common import cli
 
 SCRIPTS = ["part1_train_topk_sae", "part2_train_residual_nfm", "part3_train_secondary_sae", "part4_nfm_inspector",
-           "part5_joint_sae_nfm", "part6_kl_divergence", "part7_gram_analysis"]
+           "part5_joint_sae_nfm", "part6_kl_divergence", "part7_gram_analysis", "detect_conjunctions"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -21,7 +21,7 @@ def test_every_flag_has_help_and_docstring_has_paper_command(name):
     if name != "part6_kl_divergence":                  # part6 splices into the LM, so it needs text, not a file
         assert "--activations" in p._option_string_actions, f"{name} lacks --activations"
     assert "--preset paper" in mod.__doc__
-    stage = name.split("_")[0]
+    stage = "detect" if name == "detect_conjunctions" else name.split("_")[0]
     cli.parse(mod.build_parser(), ["--preset", "paper"], stage=stage)   # every stage has its preset entry
 
 

@@ -68,7 +68,8 @@ def test_part1_and_part2_two_gloo_processes_match_one(acts, tmp_path):
     _close_weights(tmp_path / "one", tmp_path / "two", 1e-5)
 
     # part2 on that SAE: the NFM (Adam; dropout off so one process and two draw no different masks)
-    nfm = ["--sae", str(tmp_path / "one"), "--nfm-dim", "8", "--dropout", "0", *common]
+    nfm = ["--sae", str(tmp_path / "one"), "--nfm-dim", "8", "--dropout", "0", "--controls", "mlp_on_code,residual_sae",
+           *common]
     run_script("part2_train_residual_nfm.py", *nfm, "--out", str(tmp_path / "nfm1"))
     _torchrun("part2_train_residual_nfm.py", *nfm, "--out", str(tmp_path / "nfm2"))
     h1, h2 = _metrics(tmp_path / "nfm1")["held_out_test"], _metrics(tmp_path / "nfm2")["held_out_test"]
@@ -76,8 +77,9 @@ def test_part1_and_part2_two_gloo_processes_match_one(acts, tmp_path):
     for key in h1["residual_reduction"]:
         assert abs(h1["residual_reduction"][key] - h2["residual_reduction"][key]) < 1e-4, key
     _close_weights(tmp_path / "nfm1", tmp_path / "nfm2", 1e-4)
-    b1, b2 = (_metrics(tmp_path / d)["baseline_residual_sae"]["residual_reduction"] for d in ("nfm1", "nfm2"))
-    assert abs(b1 - b2) < 1e-4
+    for name in ("mlp_on_code", "residual_sae"):
+        b1, b2 = (_metrics(tmp_path / d)["held_out_test"]["controls"][name]["residual_reduction"] for d in ("nfm1", "nfm2"))
+        assert abs(b1 - b2) < 1e-4, name
 
 
 def test_part5_two_gloo_processes_match_one(acts, tmp_path):

@@ -119,7 +119,7 @@ def evaluations(pipeline, tiny_demo):
                "--out", str(out / "p3j"), *data)
     run_script("part6_kl_divergence.py", "--sae", str(out / "p1"), "--nfm", str(out / "p2"), "--joint", str(out / "p5"),
                "--docs", "40", "--n-boot", "200", "--cov-tokens", "4000", "--cache-dir", str(out / "cache"),
-               "--out", str(out / "p6"))
+               "--kl-adapter-steps", "60", "--out", str(out / "p6"))
     run_script("part4_nfm_inspector.py", "--nfm", str(out / "p2"), "--feature", "3", "--out", str(out / "p4"), *data)
     run_script("part4_nfm_inspector.py", "--joint", str(out / "p5"), "--out", str(out / "p4j"), *data)
     run_script("part7_gram_analysis.py", "--sae", str(out / "p1"), "--joint", str(out / "p5"), "--out", str(out / "p7"), *data)
@@ -170,6 +170,21 @@ def test_part6_kl_variants_baselines_and_cis(evaluations):
     assert m["n_documents"] <= 40 and "sae+nfm vs sae" in m["paired_comparisons"]
     for name in ("sae+nfm_linear[zero_ablation]", "joint_sae[zero_ablation]"):     # labelled second figures
         assert name in v and "kl_ratio_to_eps_random" not in v[name]
+
+
+def test_part6_splices_the_control_ladder_and_a_kl_adapter(evaluations):
+    m = json.loads((evaluations / "p6" / "metrics.json").read_text())
+    v, nfm_params = m["variants"], json.loads((evaluations / "p2" / "metrics.json").read_text())["params"]["total"]
+    for c in ("linear_from_x", "mlp_on_code", "mlp_from_x", "residual_sae", "kl_adapter"):
+        r = v[f"sae+{c}"]
+        assert r["kl_ci"][0] <= r["kl"] <= r["kl_ci"][1] and r["kl_ratio_to_eps_random"] > 0, c
+        assert f"sae+nfm vs sae+{c}" in m["paired_comparisons"], c
+    assert set(m["controls"]) == {"linear_from_x", "mlp_on_code", "mlp_from_x", "residual_sae"}
+    budget, d, n = m["kl_adapter"], 64, 128                           # the tiny LM's width, part1's latents
+    assert budget["params"] == (n + d) * d + d and budget["nfm_params"] == nfm_params
+    assert budget["steps"] == 60 and budget["tokens_seen"] > 0
+    # trained on KL from the SAE alone (its zero init), it moves the held-out test documents' KL down
+    assert v["sae+kl_adapter"]["kl"] < v["sae"]["kl"]
 
 
 def test_part6_evaluates_only_test_half_documents(evaluations, tiny_demo):

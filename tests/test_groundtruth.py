@@ -150,7 +150,7 @@ def test_pipeline_plumbing_without_absorption(tmp_path):
     red = {}
     for name, data in (("planted", planted), ("null", null)):
         part2.main(["--sae", str(tmp_path / "sae"), "--activations", f"{data}/activations.safetensors",
-                    "--nfm-dim", "32", "--baseline", "none", "--out", str(tmp_path / f"nfm_{name}"), *common])
+                    "--nfm-dim", "32", "--controls", "none", "--out", str(tmp_path / f"nfm_{name}"), *common])
         red[name] = json.loads((tmp_path / f"nfm_{name}" / "metrics.json").read_text())["held_out_test"]["residual_reduction"]["both"]
     sae, norm, _ = load_sae_checkpoint(tmp_path / "sae")
     truth, _ = synthetic.read_truth(planted)
@@ -181,13 +181,18 @@ def test_validation_script_smoke(tmp_path, capsys):
     for setting in ("realistic", "no_absorption"):
         for data in ("planted", "null"):
             r = res[setting][data]
-            assert 0 <= r["pair_ranking"]["auc"] <= 1 and r["params"]["residual_sae_control"] >= r["params"]["nfm"]
+            assert 0 <= r["pair_ranking"]["auc"] <= 1 and r["params"]["residual_sae"] >= r["params"]["nfm"]
+            assert set(r["recovered"]) >= {"linear_from_x", "mlp_on_code", "mlp_from_x", "residual_sae"}
+            assert 0 <= r["conjunction_detector"]["auc"] <= 1
             assert abs(r["absorbed_by_sae"] + r["left_in_residual"] - r["planted_share_of_x"]) < 1e-6
         assert res[setting]["planted"]["planted_share_of_x"] > 0.5 > abs(res[setting]["null"]["planted_share_of_x"])
     out = capsys.readouterr().out
     assert "no_absorption" in out and "excess residual reduction over null" in out
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 11                                           # header + 6 sequential + 2 joint + 2 oracle
+    assert len(csv_lines) == 21                     # header + 2 x (6 sequential + detector) + 2 joint + 2 poly + 2 oracle
+    assert [l.split(",")[0] for l in csv_lines[15:19]] == ["joint", "joint", "joint_poly", "joint_poly"]
+    assert [l.split(",")[1] for l in csv_lines[1:7]] == ["nfm_interaction", "nfm_whole", "linear_from_x", "mlp_on_code",
+                                                         "mlp_from_x", "residual_sae"]
     cols = ("absorbed", "left", "recovered", "resid_red", "pair_AUC")
     assert csv_lines[0] == "setting,method," + ",".join(f"{d}:{c}" for d in ("planted", "null") for c in cols)
     assert res["pair_ranking_negatives"]["planted_pairs"] == res["pair_ranking_negatives"]["decoy_pairs"] == 4

@@ -31,8 +31,17 @@ def test_part2_beats_zero_prediction(pipeline):
                                                     for h in ("mean", "zero")}
     assert red["both"] > 0                                     # beats predicting zero on held-out data
     assert m["held_out_test"]["sae_plus_nfm_fvu"] < m["held_out_test"]["sae_fvu"]
-    ctl = m["baseline_residual_sae"]
-    assert ctl["params"] >= ctl["nfm_params"] == m["params"]["total"]
+    ctl = m["held_out_test"]["controls"]
+    assert list(ctl) == ["linear_from_x", "mlp_on_code", "mlp_from_x", "residual_sae"]
+    assert ctl["residual_sae"]["params"] >= ctl["residual_sae"]["nfm_params"] == m["params"]["total"]
+    for name in ("mlp_on_code", "mlp_from_x"):                 # parameter-matched to the NFM (within a hidden unit)
+        assert abs(ctl[name]["params"] - m["params"]["total"]) <= 0.5 * (ctl[name]["params"] / ctl[name]["hidden"]), name
+        assert (d / "controls" / name / "model.safetensors").is_file()
+    for c in ctl.values():
+        assert c["ci"][0] <= c["residual_reduction"] <= c["ci"][1]
+    ev = m["held_out_test"]["integration_evidence"]
+    assert ev["best_code_control"] == "mlp_on_code"
+    assert abs(ev["gain"] - (red["both"] - ctl["mlp_on_code"]["residual_reduction"])) < 1e-9
     cfg = json.loads((d / "config.json").read_text())
     p1 = json.loads((pipeline / "p1" / "config.json").read_text())
     assert cfg["parents"]["sae"]["content_hash"] == p1["content_hash"]

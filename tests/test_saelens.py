@@ -250,7 +250,7 @@ def test_part2_and_part3_run_on_an_exported_saelens_folder(pipeline, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     data = ["--train-tokens", "2000", "--val-tokens", "1000", "--cache-dir", str(pipeline / "cache")]
-    run_script("part2_train_residual_nfm.py", "--sae", str(sl), "--nfm-dim", "8", "--steps", "5", "--baseline", "none",
+    run_script("part2_train_residual_nfm.py", "--sae", str(sl), "--nfm-dim", "8", "--steps", "5", "--controls", "none",
                "--out", str(tmp_path / "p2"), *data)
     nfm_cfg = json.loads((tmp_path / "p2" / "config.json").read_text())
     assert nfm_cfg["parents"]["sae"] == {"path": str(sl.resolve()), "kind": "sae",
