@@ -86,8 +86,9 @@ def bars_ci(labels: list[str], values: list[float], cis: list[list[float]], path
             log_y: bool = False) -> Path:
     """Bars with asymmetric confidence-interval whiskers."""
     v = np.asarray(values, float)
-    lo = v - np.asarray([c[0] for c in cis], float)
-    hi = np.asarray([c[1] for c in cis], float) - v
+    # clipped at 0: with one resampling unit a percentile interval equals the point up to rounding
+    lo = np.maximum(v - np.asarray([c[0] for c in cis], float), 0)
+    hi = np.maximum(np.asarray([c[1] for c in cis], float) - v, 0)
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4.5))
     ax.bar(range(len(labels)), v, yerr=np.vstack([lo, hi]), capsize=3, color="tab:blue")
     ax.set_xticks(range(len(labels)), labels, rotation=40, ha="right", fontsize=8)

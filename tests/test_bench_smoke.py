@@ -35,7 +35,8 @@ def test_end_to_end_lists_the_readme_stages():
 
 @pytest.mark.parametrize("script", ["bench/bench_sparse_vs_dense.py", "bench/bench_collection.py",
                                     "bench/bench_cache.py", "bench/bench_auxk_recipes.py",
-                                    "bench/part9_null_calibration.py", "bench/demo_seeds.py"])
+                                    "bench/part9_null_calibration.py", "bench/demo_seeds.py",
+                                    "bench/bench_stream_memory.py"])
 def test_other_benches_parse_their_arguments(script):
     assert "usage" in _run(script, "--help")
 
@@ -47,3 +48,13 @@ def test_demo_seeds_reruns_every_stage_per_seed_in_its_own_folders():
     for line in stages:                                  # every stage folder moved; the shared LM and cache not
         outs = [w for w in line.split() if w.startswith("checkpoints/")]
         assert outs and all(w.startswith("checkpoints/seeds/seed3/") for w in outs), line
+
+
+def test_stream_memory_bench_measures_each_stage_at_two_sizes(tmp_path):
+    import json
+    out = _run("bench/bench_stream_memory.py", "--rows", "1000", "--d", "8", "--n-latents", "32", "--k", "4",
+               "--steps", "3", "--stages", "part1", "--work", str(tmp_path), "--json", str(tmp_path / "m.json"))
+    m = json.loads((tmp_path / "m.json").read_text())
+    by = m["stages"]["part1"]
+    assert set(by) == {"1000", "4000", "ratio"} and by["1000"] > 50          # MB: a python process with torch
+    assert abs(by["ratio"] - by["4000"] / by["1000"]) < 1e-12 and "peak RSS ratio" in out
