@@ -20,14 +20,14 @@ from torch import nn
 from . import dist
 from .errors import UserError
 from .nfm import NFM, NFMConfig, require_path_means
-from .sae import SAEConfig, TopKSAE, TransposedCode
+from .sae import SAEConfig, SharedCodePaths, TopKSAE, TransposedCode
 
 # the additive paths and the variants reported for them
 VARIANTS = {"sae": ("sae",), "sae+linear": ("sae", "linear"), "sae+interaction": ("sae", "interaction"),
             "full": ("sae", "linear", "interaction")}
 
 
-class JointModel(nn.Module):
+class JointModel(SharedCodePaths, nn.Module):
     PATHS = ("sae", "linear", "interaction")
     KIND = "nfm"
 
@@ -41,23 +41,10 @@ class JointModel(nn.Module):
         """The module behind the non-SAE paths (PolyJointModel: its polynomial decoder)."""
         return self.nfm
 
-    def paths(self, x: torch.Tensor, aux: bool = False):
-        """Each path's output [batch, d] for normalised x [batch, d], and the code (idx, val)
-        (plus AuxK's dead-latent picks when aux=True, for training)."""
-        if aux:
-            idx, val, picks = self.sae.encode_with_aux(x)
-            return self.paths_from(idx, val), idx, val, picks
-        idx, val = self.sae.encode(x)
-        return self.paths_from(idx, val), idx, val
-
     def paths_from(self, idx: torch.Tensor, val: torch.Tensor) -> dict[str, torch.Tensor]:
         code_t = TransposedCode(idx, val, self.sae.cfg.n_latents)     # one sort for both NFM backwards
         return {"sae": self.sae.decode(idx, val), "linear": self.nfm.linear(idx, val, code_t),
                 "interaction": self.nfm.interaction(idx, val, code_t)}
-
-    def forward(self, x: torch.Tensor, paths=("sae", "linear", "interaction")) -> torch.Tensor:
-        out, _, _ = self.paths(x)
-        return sum(out[p] for p in paths)
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         out, idx, val, picks = self.paths(x, aux=True)

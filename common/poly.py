@@ -58,7 +58,7 @@ from torch import nn
 from . import dist
 from .errors import UserError
 from .nfm import _WeightedBag
-from .sae import SAEConfig, TopKSAE, TransposedCode
+from .sae import SAEConfig, SharedCodePaths, TopKSAE, TransposedCode
 from .train import batched, module_device
 
 PATHS = ("interaction",)
@@ -306,7 +306,7 @@ class PolyDecoder(nn.Module):
         return asdict(self.cfg)
 
 
-class PolyJointModel(nn.Module):
+class PolyJointModel(SharedCodePaths, nn.Module):
     """TopK encoder + [linear dictionary W_dec f + b_dec] + [PolySAE interaction path]; the interface of
     common.joint.JointModel (paths / paths_from / forward / loss / param_counts / hparams / from_tensors)."""
 
@@ -323,21 +323,8 @@ class PolyJointModel(nn.Module):
         """The module behind the non-SAE paths (JointModel: its NFM)."""
         return self.poly
 
-    def paths(self, x: torch.Tensor, aux: bool = False):
-        """Each path's output [batch, d] for normalised x [batch, d], and the code (idx, val)
-        (plus AuxK's dead-latent picks when aux=True, for training)."""
-        if aux:
-            idx, val, picks = self.sae.encode_with_aux(x)
-            return self.paths_from(idx, val), idx, val, picks
-        idx, val = self.sae.encode(x)
-        return self.paths_from(idx, val), idx, val
-
     def paths_from(self, idx: torch.Tensor, val: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"sae": self.sae.decode(idx, val), "interaction": self.poly.interaction(idx, val)}
-
-    def forward(self, x: torch.Tensor, paths=("sae", "interaction")) -> torch.Tensor:
-        out, _, _ = self.paths(x)
-        return sum(out[p] for p in paths)
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         """The plain formulation on a dense code (tests)."""

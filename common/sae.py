@@ -140,6 +140,26 @@ class _TopKEncode(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+class SharedCodePaths:
+    """For joint models (common/joint.py, common/poly.py): one TopK encoder `self.sae` whose code feeds several
+    additive paths, named in `PATHS` and computed by `paths_from(idx, val)`."""
+    PATHS: tuple = ()
+
+    def paths(self, x: torch.Tensor, aux: bool = False):
+        """Each path's output [batch, d] for normalised x [batch, d], and the code (idx, val)
+        (plus AuxK's dead-latent picks when aux=True, for training)."""
+        if aux:
+            idx, val, picks = self.sae.encode_with_aux(x)
+            return self.paths_from(idx, val), idx, val, picks
+        idx, val = self.sae.encode(x)
+        return self.paths_from(idx, val), idx, val
+
+    def forward(self, x: torch.Tensor, paths=None) -> torch.Tensor:
+        """The sum of the chosen paths (default: all of PATHS)."""
+        out, _, _ = self.paths(x)
+        return sum(out[p] for p in (paths or self.PATHS))
+
+
 class TopKSAE(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
