@@ -198,6 +198,18 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, x_sel: torch.Tensor, y_sel: torc
     mx, my = sx / n, sy / n
     cxx, cxy = sxx / n - torch.outer(mx, mx), sxy / n - torch.outer(mx, my)
     scale = float(cxx.diagonal().mean()) or 1.0
+    # one thread for the solves: two fresh-clone demos gave W differing in the last bits (lambda 0, gelsy),
+    # and the same seed on the same machine must give the same bytes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _pick_lambda(cxx, cxy, mx, my, scale, lambdas, x_sel, y_sel)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pick_lambda(cxx, cxy, mx, my, scale: float, lambdas, x_sel, y_sel) -> tuple[RidgeMap, dict]:
+    d_in, d_out = cxy.shape
     best, scores = None, {}
     for lam in lambdas:
         W = torch.linalg.solve(cxx + lam * scale * torch.eye(d_in, dtype=torch.float64), cxy) if lam > 0 else \
