@@ -119,9 +119,9 @@ def main(argv=None):
     cfg = cj.DetectConfig(min_rows=args.min_rows, n_candidates=args.n_candidates, alpha=args.alpha,
                           min_rho=args.min_rho, batch=args.rows_per_batch or cj.default_batch(sae.cfg.n_latents))
     cfg.validate()
-    n_tr = args.max_rows or acts.train.shape[0]
+    n_tr = min(args.max_rows or acts.train.n, acts.train.n)
     test_half = split_selection_test(acts.val, acts.val_docs)[1][0]          # never the best-step-picking half
-    x_tr, x_va = norm.encode(acts.train[:n_tr]), norm.encode(test_half[:max(1, n_tr // 5)])
+    x_tr, x_va = norm.encode(acts.train.read(0, n_tr)), norm.encode(test_half[:max(1, n_tr // 5)])
     with torch.no_grad():
         train_rows = cj.cached_batches(sae, x_tr, cfg.batch)
         fit = cj.fit_parents(sae.W_dec, train_rows, cfg)

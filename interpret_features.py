@@ -35,7 +35,7 @@ import torch
 
 from common import cli
 from common.claude import DEFAULT_MODEL, ClaudeClient, require_api_key
-from common.data import DataSpec, batch_sequences, iter_test_half_sequences, keep_mask
+from common.data import batch_sequences, iter_test_half_sequences, keep_mask
 from common.hooks import collect
 from common.models import load_model
 from common.loading import load_model_path

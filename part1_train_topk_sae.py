@@ -64,19 +64,19 @@ def main(argv=None):
 
     spec = None if args.activations else DataSpec.from_args(args)
     acts = dist.main_first(lambda: get_activations(args, spec))
-    d = acts.train.shape[1]
+    d = acts.train.d
     norm = Normalizer.fit(acts.train, args.normalize)
-    x_train = norm.encode(acts.train)                                                    # [n_train, d]
+    x_train = acts.train.map(norm.encode)               # [n_train, d], read and normalised per batch (common/rows.py)
     (x_sel,), (x_test,) = split_selection_test(norm.encode(acts.val), acts.val_docs)   # held-out halves
 
-    steps = cli.total_steps(args, x_train.shape[0])
+    steps = cli.total_steps(args, x_train.n)
     dead_tokens = args.dead_tokens or default_dead_tokens(steps, args.batch_size)
     cfg = SAEConfig(d=d, n_latents=args.n_latents, k=args.k, auxk_alpha=args.auxk_alpha, dead_tokens=dead_tokens)
     sae = TopKSAE(cfg).to(cli.env_device(args.device))
     init_sq_norm = sae.W_dec.detach().pow(2).sum(1).cpu()   # kept so part7 can tell trained norms from init values
     lr = args.lr or default_lr(args.n_latents, args.optimizer)
     print(f"TopK SAE d={d} n_latents={cfg.n_latents} k={cfg.k}: {steps} steps of {args.batch_size} tokens "
-          f"({x_train.shape[0]} training tokens), {args.optimizer} lr {lr:.2e}")
+          f"({x_train.n} training tokens), {args.optimizer} lr {lr:.2e}")
     fitres = train_sae(sae, x_train, x_sel, steps, args.batch_size, lr,
                        cli.eval_every(args, steps), args.seed, "train SAE", optimizer=args.optimizer, ckpt=ckpt)
     if not dist.is_main():
@@ -94,7 +94,7 @@ def main(argv=None):
                        "mse/fvu/cosine in normalised units, *_raw in the LM's units; dead_fraction = latents that "
                        "never fire on these tokens",
         "train": {"steps": steps, "best_step": fitres.best_step, "optimizer": args.optimizer, "lr": lr, "batch_size": args.batch_size,
-                  "train_tokens": x_train.shape[0], "dead_fraction_at_end_of_training":
+                  "train_tokens": x_train.n, "dead_fraction_at_end_of_training":
                       float((sae.since_fired >= dead_tokens).float().mean()), "seconds": time.time() - t0,
                   **cli.resume_record(args)},
         "data": acts.description,

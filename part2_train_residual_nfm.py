@@ -40,7 +40,7 @@ from common.data import DataSpec, get_activations, split_selection_test
 from common.metrics import recon_stats, residual_reduction
 from common.nfm import PATHS, NFM, NFMConfig, combine_paths, predict, train_nfm
 from common.loading import load_sae_checkpoint
-from common.sae import (SAEConfig, TopKSAE, codes_and_residuals, default_dead_tokens, default_lr,
+from common.sae import (SAEConfig, TopKSAE, batch_codes, codes_and_residuals, default_dead_tokens, default_lr,
                         reconstruct_all, train_sae)
 from common.train import TrainCheckpoints, module_device
 
@@ -55,6 +55,7 @@ def build_parser():
     g.add_argument("--nfm-hidden", type=int, default=None, help="interaction MLP hidden width (default: --nfm-dim)")
     g.add_argument("--dropout", type=float, default=0.15, help="dropout on the bi-interaction vector (default: 0.15)")
     cli.add_training_args(p, 1e-3, "1e-3 for the NFM; the residual SAE control uses part1's default recipe")
+    cli.add_precompute_arg(p)
     b = p.add_argument_group("controls")
     b.add_argument("--controls", default="all",
                    help="comma-separated controls to train beside the NFM, or 'all' / 'none': linear_from_x, "
@@ -79,29 +80,32 @@ def main(argv=None):
     d = sae.cfg.d
     acts = dist.main_first(lambda: get_activations(args, DataSpec.from_description(sae_cfg["data"]),
                                                    parent=sae_cfg["data"], width=d))
-    # everything in the SAE's normalised space: x [n, d], codes (idx, val) [n, k], residuals r [n, d]
-    x_train = norm.encode(acts.train)
-    train = codes_and_residuals(sae, x_train)
+    # everything in the SAE's normalised space: x [n, d], codes (idx, val) [n, k], residuals r [n, d]. Training
+    # rows are read and coded per batch on the device (common/rows.py): nothing of size [train tokens, ...] is held
+    device = cli.env_device(args.device)
+    sae.to(device)
+    train = acts.train.map(lambda raw: _coded(sae, norm.encode(raw.to(device, non_blocking=True))))    # gather -> (idx, val, r, x)
+    train = train.materialized(args.precompute_mb)      # small sets: coded once (--precompute-mb)
     x_val = norm.encode(acts.val)
     docs_val = acts.val_docs if acts.val_docs is not None else torch.arange(x_val.shape[0])
     sel, test = split_selection_test(x_val, acts.val_docs, *codes_and_residuals(sae, x_val), docs_val)
     test_docs = test[4] if acts.val_docs is not None else None          # bootstrap units: documents (else rows)
     (x_sel, *sel), (x_test, *test) = sel[:4], test[:4]                  # x, then the (idx, val, r) the NFM reads
+    del x_val, docs_val
+    acts.val = None                                     # the halves are copies: the whole set is not needed again
 
     cfg = NFMConfig(n_features=sae.cfg.n_latents, d=d, dim=args.nfm_dim, hidden=args.nfm_hidden or args.nfm_dim,
                     dropout=args.dropout)
-    device = cli.env_device(args.device)
-    sae.to(device)
     nfm = NFM(cfg).to(device)
-    steps = cli.total_steps(args, train[0].shape[0])
+    steps = cli.total_steps(args, train.n)
     print(f"NFM on the residual of {args.sae}: dim={cfg.dim} hidden={cfg.hidden}, {nfm.param_counts()['total']:,} "
           f"parameters, {steps} steps of {args.batch_size} tokens")
     t_nfm = time.time()
-    fitres = train_nfm(nfm, *train, sel, steps, args.batch_size, args.lr, cli.eval_every(args, steps), args.seed, ckpt=ckpt)
+    fitres = train_nfm(nfm, train, sel, steps, args.batch_size, args.lr, cli.eval_every(args, steps), args.seed, ckpt=ckpt)
     timing["nfm_train_seconds"] = time.time() - t_nfm
 
     r_test = test[2]
-    nfm.set_path_means(train[0], train[1])              # saved with the NFM: every later stage mean-ablates with it
+    nfm.set_path_means(train)                           # saved with the NFM: every later stage mean-ablates with it
     reduction = path_ablations(nfm, test[0], test[1], r_test)
     sae_test = recon_stats(sae, x_test)
     x_hat_test = x_test - r_test
@@ -132,7 +136,7 @@ def main(argv=None):
                          "interaction_path_gain: reduction(both) - reduction(linear_only[mean_ablation]).",
         "params": nfm.param_counts(),
         "train": {"steps": steps, "best_step": fitres.best_step, "lr": args.lr, "batch_size": args.batch_size,
-                  "train_tokens": int(train[0].shape[0]), "path_mean_tokens": int(nfm.mean_tokens),
+                  "train_tokens": int(train.n), "path_mean_tokens": int(nfm.mean_tokens),
                   **cli.resume_record(args)},
         "data": acts.description,
         "history": fitres.history,
@@ -143,13 +147,16 @@ def main(argv=None):
             "hparams": nfm.hparams(), "data": acts.description, "train": metrics["train"], "seed": args.seed,
             "parents": {"sae": sae_ref}})
 
-    preds = dict(reduction["headline_predictions"])
-    data = {"x": (x_train, x_sel, x_test), "idx": (train[0], sel[0], test[0]), "val": (train[1], sel[1], test[1]),
-            "r": (train[2], sel[2], r_test)}
+    # each model's test-half prediction [n, d] is kept only as its per-row squared error [n] (all the CIs need)
+    preds = {k: controls.row_errors(r_test, p) for k, p in reduction.pop("headline_predictions").items()}
+    del reduction["prediction"]
+    data = {"train": train, "x": (x_sel, x_test), "idx": (sel[0], test[0]), "val": (sel[1], test[1]),
+            "r": (sel[2], r_test)}
     ctl = {}
     for name in control_names:
         t_ctl = time.time()
-        ctl[name], preds[name] = train_control(name, args, nfm, sae, data, out, sae_ref, acts.description, ckpt)
+        ctl[name], pred = train_control(name, args, nfm, sae, data, out, sae_ref, acts.description, ckpt)
+        preds[name] = controls.row_errors(r_test, pred)
         timing[f"{name}_seconds"] = time.time() - t_ctl       # kept out of held_out_test: results only there
         ctl[name].update(controls.reduction_ci(r_test, preds[name], test_docs, args.n_boot, args.seed))
     metrics["held_out_test"]["controls"] = ctl
@@ -214,28 +221,36 @@ def path_ablations(nfm, idx, val, r) -> dict:
             "headline_predictions": headline}
 
 
+def _coded(sae, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One training batch as every part2 model reads it: (idx, val, r, x), on the SAE's device."""
+    idx, val, r = batch_codes(sae, x)
+    return idx, val, r, x.to(r.device)
+
+
 def train_control(name, args, nfm, sae, data, out, sae_ref, data_desc, ckpt) -> tuple[dict, torch.Tensor]:
     """Train one control of the ladder on the NFM's training tokens; (its record, its test-half prediction)."""
+    train = data["train"]                               # gather -> (idx, val, r, x), per batch
     if name == "residual_sae":
-        return residual_sae_control(args, nfm, sae, data["r"], out, sae_ref, data_desc, ckpt)
+        return residual_sae_control(args, nfm, sae, train.map(lambda t: t[2]), data["r"], out, sae_ref, data_desc, ckpt)
     d, n_nfm = sae.cfg.d, nfm.param_counts()["total"]
-    x_tr, x_sel, x_te = data["x"]
-    r_tr, r_sel, _ = data["r"]
-    steps = cli.total_steps(args, r_tr.shape[0])
+    x_sel, x_te = data["x"]
+    r_sel, _ = data["r"]
+    steps = cli.total_steps(args, train.n)
     record = {"reads": controls.READS[name], "nfm_params": n_nfm}
     if name == "linear_from_x":
-        model, info = controls.fit_ridge(x_tr, r_tr, x_sel, r_sel)
+        model, info = controls.fit_ridge(train.map(lambda t: (t[3], t[2])), None, x_sel, r_sel)
         record.update(info, fitted="closed form on the training tokens; lambda picked on the selection half")
     else:
         hidden = controls.matched_hidden(name, n_nfm, d, sae.cfg.n_latents)
         model = (controls.CodeMLP(sae.cfg.n_latents, d, hidden) if name == "mlp_on_code"
                  else controls.XMLP(d, hidden)).to(module_device(nfm))
-        split = [controls.inputs(model, data["x"][i], data["idx"][i], data["val"][i]) for i in range(3)]
-        res = controls.train_regressor(model, split[0], r_tr, split[1], r_sel, steps, args.batch_size, args.lr,
+        ins = train.map(lambda t: (*controls.inputs(model, t[3], t[0], t[1]), t[2]))     # (*inputs, r)
+        sel_ins = controls.inputs(model, x_sel, data["idx"][0], data["val"][0])
+        res = controls.train_regressor(model, ins, None, sel_ins, r_sel, steps, args.batch_size, args.lr,
                                        cli.eval_every(args, steps), args.seed, f"train {name} (control)", ckpt=ckpt,
                                        tag=name)
         record.update(hidden=hidden, steps=steps, best_step=res.best_step, lr=args.lr)
-    pred = controls.predict(model, controls.inputs(model, x_te, data["idx"][2], data["val"][2]))
+    pred = controls.predict(model, controls.inputs(model, x_te, data["idx"][1], data["val"][1]))
     record["params"] = controls.n_params(model)
     if dist.is_main():
         checkpoint.save(out / "controls" / name, "control", {k: v.contiguous() for k, v in model.state_dict().items()}, {
@@ -244,13 +259,14 @@ def train_control(name, args, nfm, sae, data, out, sae_ref, data_desc, ckpt) -> 
     return record, pred
 
 
-def residual_sae_control(args, nfm, sae, r, out, sae_ref, data_desc, ckpt) -> tuple[dict, torch.Tensor]:
-    """A TopK SAE trained on the residual itself, with at least the NFM's parameter count."""
-    r_train, r_sel, r_test = r
+def residual_sae_control(args, nfm, sae, r_train, r_held, out, sae_ref, data_desc, ckpt) -> tuple[dict, torch.Tensor]:
+    """A TopK SAE trained on the residual itself (r_train: Rows of r, read per batch), with at least the NFM's
+    parameter count; r_held = (selection-half r, test-half r)."""
+    r_sel, r_test = r_held
     d, n_params = sae.cfg.d, nfm.param_counts()["total"]
     n_latents = math.ceil((n_params - d) / (2 * d + 1))   # 2*n*d weights + n + d biases >= NFM parameters
     k = min(args.baseline_k or sae.cfg.k, n_latents)
-    steps = cli.total_steps(args, r_train.shape[0])
+    steps = cli.total_steps(args, r_train.n)
     ctl = TopKSAE(SAEConfig(d=d, n_latents=n_latents, k=k, dead_tokens=default_dead_tokens(steps, args.batch_size)))
     ctl.to(module_device(nfm))
     fitres = train_sae(ctl, r_train, r_sel, steps, args.batch_size, default_lr(n_latents),

@@ -36,7 +36,7 @@ from common.joint import load_joint_checkpoint
 from common.nfm import NFM, hidden_all
 from common.normalize import MODES, Normalizer
 from common.loading import load_sae_checkpoint
-from common.sae import (DEFAULT_OPTIMIZER, OPTIMIZERS, SAEConfig, TopKSAE, codes_and_residuals,
+from common.sae import (DEFAULT_OPTIMIZER, OPTIMIZERS, SAEConfig, TopKSAE, batch_codes, codes_and_residuals,
                         default_dead_tokens, default_lr, reconstruct_all, train_sae)
 from common.train import TrainCheckpoints, batched, module_device
 
@@ -59,6 +59,7 @@ def build_parser():
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
                    help="the SAE optimizer, as in part1 (default: %(default)s)")
     cli.add_training_args(p, None, "5e-3 / sqrt(n_latents / 2^14) for signsgd-sf, 2e-4 / sqrt(n_latents / 2^14) for adam")
+    cli.add_precompute_arg(p)
     cli.add_resume_args(p)
     return p
 
@@ -100,9 +101,10 @@ def main(argv=None):
     nfm.to(device)
     sae.to(device)
     acts = get_activations(args, DataSpec.from_description(data_desc), parent=data_desc, width=sae.cfg.d)
-    idx_t, val_t, _ = codes_and_residuals(sae, norm.encode(acts.train))
+    # u [n_train, hidden] is computed per batch from the training rows (common/rows.py), never held whole
+    u_train = acts.train.map(lambda raw: _hidden(nfm, sae, norm.encode(raw.to(device, non_blocking=True))))
+    u_train = u_train.materialized(args.precompute_mb)  # small sets: computed once (--precompute-mb)
     idx_v, val_v, r_v = codes_and_residuals(sae, norm.encode(acts.val))
-    u_train = hidden_all(nfm, idx_t, val_t)                                   # [n_train, hidden]
     u_val = hidden_all(nfm, idx_v, val_v)                                     # [n_val, hidden]
     unorm = Normalizer.fit(u_train, args.normalize)
     sel, (u_test, idx_test, val_test, r_test) = split_selection_test(
@@ -113,13 +115,13 @@ def main(argv=None):
     poly = "linear" not in nfm.PATHS
     what = ("PolySAE interaction representation h = [a[:, :R2]^2, a[:, :R3]^3], a = f U (width "
             f"{hidden})" if poly else f"NFM hidden layer (post-MLP1, pre-ReLU, width {hidden})")
-    steps = cli.total_steps(args, u_train.shape[0])
+    steps = cli.total_steps(args, u_train.n)
     cfg = SAEConfig(d=hidden, n_latents=args.n_latents or args.expansion * hidden, k=args.k,
                     dead_tokens=default_dead_tokens(steps, args.batch_size))
     sec = TopKSAE(cfg).to(device)
     lr = args.lr or default_lr(cfg.n_latents, args.optimizer)
     print(f"secondary TopK SAE on the {what}: n_latents={cfg.n_latents} k={cfg.k}, {steps} steps")
-    fitres = train_sae(sec, unorm.encode(u_train), u_sel, steps, args.batch_size, lr,
+    fitres = train_sae(sec, u_train.map(unorm.encode), u_sel, steps, args.batch_size, lr,
                        cli.eval_every(args, steps), args.seed, "train secondary SAE", optimizer=args.optimizer,
                        ckpt=ckpt)
 
@@ -146,7 +148,7 @@ def main(argv=None):
                        "SAE on u (normalised units; *_raw in u's own units); NFM residual reduction = "
                        "1 - sum||r - r_hat||^2 / sum||r||^2 with u intact vs replaced by the secondary SAE's reconstruction",
         "train": {"steps": steps, "best_step": fitres.best_step, "optimizer": args.optimizer, "lr": lr, "batch_size": args.batch_size,
-                  "train_tokens": int(u_train.shape[0]), "seconds": time.time() - t0, **cli.resume_record(args)},
+                  "train_tokens": int(u_train.n), "seconds": time.time() - t0, **cli.resume_record(args)},
         "history": fitres.history,
     }
     checkpoint.save(out, "secondary_sae", {**sec.tensors(), **unorm.tensors()}, {
@@ -164,6 +166,14 @@ def main(argv=None):
           f"with the secondary reconstruction")
     ckpt.finish()
     cli.report(out, out / "metrics.json", pngs)
+
+
+@torch.no_grad()
+def _hidden(nfm, sae, x: torch.Tensor) -> torch.Tensor:
+    """The hidden layer u of one batch of normalised rows (eval mode), on the NFM's device."""
+    idx, val, _ = batch_codes(sae, x)
+    nfm.eval()
+    return nfm.hidden(idx.to(module_device(nfm)), val.to(module_device(nfm)))
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def main(argv=None):
         g, er, z = gini(w), effective_rank(w), l0(w)
         weights[name] = {"gini": g, "effective_rank": er, "l0": z, "length": w.shape[1]}
 
-    acts = get_activations(args, DataSpec.from_description(data_desc), width=sae.cfg.d, parent=data_desc)
+    acts = get_activations(args, DataSpec.from_description(data_desc), width=sae.cfg.d, parent=data_desc, need_train=False)
     _, (x_test,) = split_selection_test(norm.encode(acts.val), acts.val_docs)
     idx, val = encode_all(sae, x_test)
     shares = output_shares(nfm, idx, val)

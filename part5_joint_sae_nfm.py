@@ -36,6 +36,8 @@ from __future__ import annotations
 import math
 import time
 
+import torch
+
 from common import checkpoint, cli, dist, plots
 from common.data import DataSpec, get_activations, split_selection_test
 from common.joint import VARIANTS, JointModel, path_outputs
@@ -44,7 +46,7 @@ from common.loading import load_sae_checkpoint
 from common.nfm import NFMConfig, combine_paths
 from common.poly import VARIANTS as POLY_VARIANTS, PolyConfig, PolyJointModel, joint_nfm_param_count, matched_ranks
 from common.normalize import MODES, Normalizer
-from common.sae import SAEConfig, TopKSAE, default_dead_tokens, default_lr, encode_all, reconstruct_all, train_sae
+from common.sae import SAEConfig, TopKSAE, batch_codes, default_dead_tokens, default_lr, reconstruct_all, train_sae
 from common.train import TrainCheckpoints, fit
 
 
@@ -107,12 +109,12 @@ def main(argv=None):
 
     spec = None if args.activations else DataSpec.from_args(args)
     acts = dist.main_first(lambda: get_activations(args, spec))
-    d = acts.train.shape[1]
+    d = acts.train.d
     norm = Normalizer.fit(acts.train, args.normalize)
-    x_train = norm.encode(acts.train)
+    x_train = acts.train.map(norm.encode)               # [n_train, d], read and normalised per batch (common/rows.py)
     (x_sel,), (x_test,) = split_selection_test(norm.encode(acts.val), acts.val_docs)
 
-    steps = cli.total_steps(args, x_train.shape[0])
+    steps = cli.total_steps(args, x_train.n)
     sae_cfg = SAEConfig(d=d, n_latents=args.n_latents, k=args.k, auxk_alpha=args.auxk_alpha,
                         dead_tokens=default_dead_tokens(steps, args.batch_size))
     nfm_cfg = NFMConfig(n_features=args.n_latents, d=d, dim=args.nfm_dim, hidden=args.nfm_hidden or args.nfm_dim,
@@ -134,30 +136,31 @@ def main(argv=None):
     else:
         print(f"joint SAE+NFM d={d} n_latents={args.n_latents} k={args.k} nfm_dim={args.nfm_dim}: "
               f"{params['total']:,} parameters, {steps} steps of {args.batch_size} tokens, lr {lr:.2e}")
-    model.sae.init_b_dec(x_train[:args.batch_size].to(device).float())
+    model.sae.init_b_dec(x_train.gather(torch.arange(min(args.batch_size, x_train.n))).to(device).float())
     # squared norm of each feature's effective linear decoder W_dec[i] + W_lin[i] at init, kept for part7
     # (PolySAE: W_dec[i], its only linear decoder)
     init_sq_norm = (model.sae.W_dec if poly else model.sae.W_dec + model.nfm.W_lin).detach().pow(2).sum(1).cpu()
     paths_kept = model.PATHS
 
     def step_loss(idx):
-        return model.loss(x_train[idx].to(device, non_blocking=True).float())
+        return model.loss(x_train.gather(idx).to(device, non_blocking=True).float())
 
     def evaluate():
         o = path_outputs(model, x_sel)
         f = fvu_raw(norm, x_sel, sum(o[p] for p in paths_kept))
         return {"val_loss": f, "val_fvu": f}
 
-    fitres = fit(model, x_train.shape[0], args.batch_size, steps, lr, step_loss, evaluate, cli.eval_every(args, steps),
+    fitres = fit(model, x_train.n, args.batch_size, steps, lr, step_loss, evaluate, cli.eval_every(args, steps),
                  args.seed, "train joint SAE+PolySAE" if poly else "train joint SAE+NFM",
                  before_step=model.sae.remove_parallel_grad,
-                 after_step=model.after_step if poly else model.sae.renorm_decoder, ckpt=ckpt, tag="joint")
+                 after_step=model.after_step if poly else model.sae.renorm_decoder, ckpt=ckpt, tag="joint",
+                 shuffle=x_train.shuffle)
+    x_train.release()
 
     # held-out report: every variant; a removed NFM path is mean-ablated (its training mean, saved with the
     # model), and zero-ablated as a labelled second figure
-    stride = -(-x_train.shape[0] // (1 << 18))          # at most 2^18 evenly spaced training rows
     inter = model.interaction_model                     # the NFM, or the PolySAE's interaction decoder
-    inter.set_path_means(*encode_all(model.sae, x_train[::stride]))
+    inter.set_path_means(x_train.map(lambda x: batch_codes(model.sae, x)))   # at most 2^18 evenly spaced rows
     o = path_outputs(model, x_test)
     fvu = {}
     for name, paths in (POLY_VARIANTS if poly else VARIANTS).items():
@@ -213,7 +216,7 @@ def main(argv=None):
                               "it; relative FVU reduction = 1 - FVU(joint, all paths) / FVU(other); the 'own SAE "
                               "path' comparison (the reference's 41%) uses the mean-ablated SAE path",
                "train": {"steps": steps, "best_step": fitres.best_step, "lr": lr, "batch_size": args.batch_size,
-                         "train_tokens": int(x_train.shape[0]), "seconds": time.time() - t0,
+                         "train_tokens": int(x_train.n), "seconds": time.time() - t0,
                          **cli.resume_record(args)},
                "data": acts.description, "history": fitres.history}
     checkpoint.save(out, "joint", {**model.state_dict(), **norm.tensors(), "init.sq_norm": init_sq_norm}, {

@@ -102,7 +102,8 @@ def main(argv=None):
     if joint is not None:
         device = cli.env_device(args.device)
         joint.to(device)
-        acts = get_activations(args, DataSpec.from_description(jcfg["data"]), width=joint.sae.cfg.d, parent=jcfg["data"])
+        acts = get_activations(args, DataSpec.from_description(jcfg["data"]), width=joint.sae.cfg.d, parent=jcfg["data"],
+                               need_train=False)
         _, (x_test,) = split_selection_test(jnorm.encode(acts.val), acts.val_docs)
         idx, val = encode_all(joint.sae, x_test)
         c = feature_contributions(joint.nfm, idx, val, joint.sae.cfg.n_latents, joint.sae.W_dec.detach())

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from common import cli, plots
-from common.data import DataSpec, collect_sentences, per_sentence, per_sentence_codes
+from common.data import collect_sentences, per_sentence, per_sentence_codes
 from common.loading import load_model_path
 from common.models import load_model
 from common.sae import encode_all

@@ -53,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common import cli, plots
-from common.data import DataSpec, batch_sequences, collect_sentences, keep_mask
+from common.data import batch_sequences, collect_sentences, keep_mask
 from common.hooks import splice
 from common.loading import load_model_path
 from common.models import load_model

@@ -162,7 +162,7 @@ def run_oracle(data_dir, reference, truth_of_data, truth_planted, args) -> dict:
     torch.manual_seed(args.seed)
     nfm = NFM(NFMConfig(n_features=a.shape[1], d=acts.shape[1], dim=args.nfm_dim, hidden=args.nfm_dim))
     steps = max(1, int(args.epochs * n_tr / 1024))
-    train_nfm(nfm, idx[:n_tr], val_c[:n_tr], target[:n_tr], (idx[sel_rows], val_c[sel_rows], target[sel_rows]),
+    train_nfm(nfm, (idx[:n_tr], val_c[:n_tr], target[:n_tr]), (idx[sel_rows], val_c[sel_rows], target[sel_rows]),
               steps, 1024, 1e-3, max(1, steps // 20), args.seed)
     inter = predict(nfm, idx[test_rows], val_c[test_rows], ("interaction",))
     whole = predict(nfm, idx[test_rows], val_c[test_rows])

@@ -77,7 +77,7 @@ def demo_data(quick: bool):
     args = part1.build_parser().parse_args(argv)
     acts = get_activations(args, DataSpec.from_args(args))
     norm = Normalizer.fit(acts.train, "scalar")
-    return norm.encode(acts.train), norm.encode(acts.val)
+    return norm.encode(acts.train.load()), norm.encode(acts.val)
 
 
 def synthetic_data(d: int, n_true: int, n_train: int, n_test: int, seed: int = 0):

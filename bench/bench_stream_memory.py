@@ -9,6 +9,7 @@ Each stage runs as its own subprocess (as a researcher runs it) under a launcher
 peak resident set size (getrusage RUSAGE_CHILDREN ru_maxrss, Linux: KiB). The activation files are random
 Gaussian rows with 100-row documents, written once per size under --work; every stage trains for --steps
 steps only, since what grows with the file is what a stage loads and derives from it, not the step count.
+Held-out rows are capped at --val-tokens at both sizes (held-out sets stay in memory by design).
 Stage chain per size: part1 (SAE) -> part2 (NFM, on that SAE, controls off) -> part3 (secondary SAE on that
 NFM), and part5 (joint model, standalone baseline from the part1 SAE). Writes bench/stream_memory.json.
 """
@@ -51,14 +52,17 @@ def peak_rss(cmd: list[str]) -> float:
 
 def stage_commands(acts: Path, out: Path, a) -> dict[str, list[str]]:
     py = [sys.executable]
-    small = ["--steps", str(a.steps), "--eval-every", str(a.steps), "--overwrite"]
+    # held-out rows are kept in memory by design (capped by --val-tokens): the same cap at both sizes, so what
+    # is measured is the training tokens
+    small = ["--steps", str(a.steps), "--eval-every", str(a.steps), "--overwrite", "--val-tokens", str(a.val_tokens)]
+    pre = [] if a.precompute_mb is None else ["--precompute-mb", str(a.precompute_mb)]
     return {
         "part1": py + ["part1_train_topk_sae.py", "--activations", str(acts), "--n-latents", str(a.n_latents),
                        "--k", str(a.k), "--out", str(out / "p1"), *small],
         "part2": py + ["part2_train_residual_nfm.py", "--sae", str(out / "p1"), "--activations", str(acts),
-                       "--nfm-dim", "32", "--controls", "none", "--out", str(out / "p2"), *small],
+                       "--nfm-dim", "32", "--controls", "none", "--out", str(out / "p2"), *small, *pre],
         "part3": py + ["part3_train_secondary_sae.py", "--nfm", str(out / "p2"), "--activations", str(acts),
-                       "--expansion", "4", "--k", "8", "--out", str(out / "p3"), *small],
+                       "--expansion", "4", "--k", "8", "--out", str(out / "p3"), *small, *pre],
         "part5": py + ["part5_joint_sae_nfm.py", "--activations", str(acts), "--n-latents", str(a.n_latents),
                        "--k", str(a.k), "--nfm-dim", "32", "--baseline-sae", str(out / "p1"),
                        "--out", str(out / "p5"), *small],
@@ -71,6 +75,9 @@ def main():
     p.add_argument("--d", type=int, default=256, help="activation width (default: 256)")
     p.add_argument("--n-latents", type=int, default=2048, help="SAE latents (default: 2048)")
     p.add_argument("--k", type=int, default=32, help="SAE TopK (default: 32)")
+    p.add_argument("--val-tokens", type=int, default=20_000, help="held-out rows at both sizes (default: 20000)")
+    p.add_argument("--precompute-mb", type=float, default=None,
+                   help="part2/part3 --precompute-mb (default: theirs, 1024: derived tensors kept when they fit)")
     p.add_argument("--steps", type=int, default=20, help="training steps per stage (default: 20)")
     p.add_argument("--stages", nargs="+", default=["part1", "part2", "part3", "part5"],
                    choices=["part1", "part2", "part3", "part5"], help="stages to measure (default: all four)")
@@ -80,7 +87,8 @@ def main():
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    result = {"rows": [a.rows, 4 * a.rows], "d": a.d, "stages": {}}
+    result = {"rows": [a.rows, 4 * a.rows], "d": a.d, "val_tokens": a.val_tokens, "precompute_mb": a.precompute_mb,
+              "stages": {}}
     for rows in (a.rows, 4 * a.rows):
         acts = write_file(work / f"acts_{rows}_{a.d}.safetensors", rows, a.d, seed=0)
         cmds = stage_commands(acts, work / f"run_{rows}", a)

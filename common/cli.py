@@ -22,6 +22,7 @@ from .errors import Interrupted, UserError  # noqa: F401  (scripts raise cli.Use
 
 DEFAULT_TRAIN_TOKENS = 100_000   # demo-scale budgets when collecting from an LM
 DEFAULT_VAL_TOKENS = 20_000
+DEFAULT_FILE_VAL_TOKENS = 100_000  # held-out rows read from an activation file (they are held in memory)
 
 
 def run_main(main) -> None:
@@ -144,9 +145,16 @@ def add_data_args(p: argparse.ArgumentParser, with_model_source: bool = True) ->
     g.add_argument("--train-tokens", type=int, default=None,
                    help=f"training tokens (activation vectors) to use (default: {DEFAULT_TRAIN_TOKENS} collected "
                         f"from the LM, or every training row of --activations)")
+    g.add_argument("--block-rows", type=int, default=32_768,
+                   help="training rows read from disk at once; training holds at most 2 x --shuffle-blocks such "
+                        "blocks in memory, whatever the number of training tokens (default: 32768)")
+    g.add_argument("--shuffle-blocks", type=int, default=8,
+                   help="blocks, drawn in a random order, whose rows are shuffled together; when all training rows "
+                        "fit in one such window the order is a plain shuffle of every row (default: 8)")
     g.add_argument("--val-tokens", type=int, default=None,
                    help=f"held-out tokens for every reported metric (default: {DEFAULT_VAL_TOKENS} collected from "
-                        f"the LM, or every held-out row of the activation files)")
+                        f"the LM, or up to {DEFAULT_FILE_VAL_TOKENS} held-out rows of the activation files; held-out rows are "
+                        f"kept in memory, training rows are read from disk a block at a time)")
 
 
 def add_training_args(p: argparse.ArgumentParser, lr_default: float | None, lr_help: str) -> None:
@@ -157,6 +165,14 @@ def add_training_args(p: argparse.ArgumentParser, lr_default: float | None, lr_h
     t.add_argument("--lr", type=float, default=lr_default, help=f"learning rate (default: {lr_help})")
     t.add_argument("--eval-every", type=int, default=None,
                    help="steps between evaluations on the held-out selection half (default: steps/20)")
+
+
+def add_precompute_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precompute-mb", type=float, default=1024,
+                   help="what this stage derives from each training row (codes, residuals, hidden layers) is computed "
+                        "once and kept in memory when it takes at most this many MB, else recomputed per batch on "
+                        "the device, so memory stays bounded at any --train-tokens; same values either way; 0 always "
+                        "streams (default: 1024)")
 
 
 def total_steps(args, n_train: int) -> int:

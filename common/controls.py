@@ -33,6 +33,7 @@ from torch import nn
 
 from .errors import UserError
 from .nfm import _WeightedBag
+from .rows import as_rows
 from .sae import TransposedCode
 from .stats import ratio_of_sums_ci
 from .train import batched, fit, module_device
@@ -179,17 +180,19 @@ def inputs(model: nn.Module, x: torch.Tensor, idx: torch.Tensor, val: torch.Tens
 
 # ------------------------------------------------------------------------------------------- fitting
 @torch.no_grad()
-def fit_ridge(x: torch.Tensor, y: torch.Tensor, x_sel: torch.Tensor, y_sel: torch.Tensor,
+def fit_ridge(x, y: torch.Tensor | None, x_sel: torch.Tensor, y_sel: torch.Tensor,
               lambdas=RIDGE_LAMBDAS, batch: int = 65536) -> tuple[RidgeMap, dict]:
     """Ridge regression of y [n, d_out] on x [n, d_in] with an unpenalised intercept, in closed form:
         W = (C_xx + lam s I)^-1 C_xy,  b = mean(y) - mean(x) W,   s = tr(C_xx) / d_in
     from sufficient statistics accumulated in float64 over row batches (memory independent of n); lam is the
-    one of `lambdas` with the lowest MSE on the selection rows (x_sel, y_sel)."""
-    d_in, d_out = x.shape[1], y.shape[1]
+    one of `lambdas` with the lowest MSE on the selection rows (x_sel, y_sel). With y None, x is a Rows whose
+    gather gives (x, y) (common/rows.py: part2 computes y per batch)."""
+    rows = as_rows(x if y is None else (x, y))
+    d_in, d_out = x_sel.shape[1], y_sel.shape[1]
     n, sx, sy = 0, torch.zeros(d_in, dtype=torch.float64), torch.zeros(d_out, dtype=torch.float64)
     sxx, sxy = torch.zeros(d_in, d_in, dtype=torch.float64), torch.zeros(d_in, d_out, dtype=torch.float64)
-    for s in range(0, x.shape[0], batch):
-        xb, yb = x[s:s + batch].double(), y[s:s + batch].double()
+    for xb, yb in rows.chunks(batch):
+        xb, yb = xb.cpu().double(), yb.cpu().double()
         n += xb.shape[0]
         sx += xb.sum(0)
         sy += yb.sum(0)
@@ -225,17 +228,20 @@ def _pick_lambda(cxx, cxy, mx, my, scale: float, lambdas, x_sel, y_sel) -> tuple
     return best[1], {"selection_mse_by_lambda": scores, "lambda": best[1].lam, "lambda_scale": scale}
 
 
-def train_regressor(model: nn.Module, ins: tuple[torch.Tensor, ...], r: torch.Tensor, sel_ins: tuple, r_sel: torch.Tensor,
+def train_regressor(model: nn.Module, ins, r: torch.Tensor | None, sel_ins: tuple, r_sel: torch.Tensor,
                     steps: int, batch_size: int, lr: float, eval_every: int, seed: int, desc: str, ckpt=None,
                     tag: str = "control"):
-    """Fit model(*ins) to r by MSE with Adam (the NFM's schedule); the best step by selection-half MSE."""
+    """Fit model(*ins) to r by MSE with Adam (the NFM's schedule); the best step by selection-half MSE.
+    With r None, ins is a Rows whose gather gives (*ins, r) per batch (common/rows.py)."""
     from .metrics import residual_reduction
 
     dev = module_device(model)
+    rows = as_rows(ins if r is None else (*ins, r))
 
     def step_loss(b):
-        pred = model(*(t[b].to(dev, non_blocking=True) for t in ins))
-        loss = (pred - r[b].to(dev, non_blocking=True)).pow(2).mean()
+        *xs, target = rows.gather(b)
+        pred = model(*(t.to(dev, non_blocking=True) for t in xs))
+        loss = (pred - target.to(dev, non_blocking=True)).pow(2).mean()
         return loss, {"loss": loss.item()}
 
     def evaluate():
@@ -243,7 +249,10 @@ def train_regressor(model: nn.Module, ins: tuple[torch.Tensor, ...], r: torch.Te
         return {"val_loss": float((pred - r_sel).pow(2).mean()), "val_reduction": residual_reduction(r_sel, pred)}
 
     torch.manual_seed(seed)
-    return fit(model, r.shape[0], batch_size, steps, lr, step_loss, evaluate, eval_every, seed, desc, ckpt=ckpt, tag=tag)
+    res = fit(model, rows.n, batch_size, steps, lr, step_loss, evaluate, eval_every, seed, desc, ckpt=ckpt, tag=tag,
+              shuffle=rows.shuffle)
+    rows.release()                                      # the block cache: not needed after training
+    return res
 
 
 def predict(model: nn.Module, ins: tuple[torch.Tensor, ...], batch: int = 8192) -> torch.Tensor:
@@ -262,20 +271,33 @@ def _per_document(values: torch.Tensor, docs: torch.Tensor | None) -> np.ndarray
     return np.bincount(inv, weights=v)
 
 
+def row_errors(r: torch.Tensor, r_hat: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+    """||r - r_hat||^2 per row [n], float64, a slice at a time: what every CI below needs of a prediction, so
+    part2 keeps [n] per model instead of its [n, d] prediction."""
+    return torch.cat([(r[s:s + batch].double() - r_hat[s:s + batch].double()).pow(2).sum(1)
+                      for s in range(0, r.shape[0], batch)])
+
+
+def _as_errors(r: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
+    return r_hat if r_hat.ndim == 1 else row_errors(r, r_hat)
+
+
 def reduction_ci(r: torch.Tensor, r_hat: torch.Tensor, docs: torch.Tensor | None, n_boot: int = 1000,
                  seed: int = 0) -> dict:
-    """Residual reduction 1 - sum ||r - r_hat||^2 / sum ||r||^2 with a percentile-bootstrap CI over documents."""
-    err = _per_document((r.double() - r_hat.double()).pow(2).sum(1), docs)
-    tot = _per_document(r.double().pow(2).sum(1), docs)
+    """Residual reduction 1 - sum ||r - r_hat||^2 / sum ||r||^2 with a percentile-bootstrap CI over documents.
+    r_hat: the prediction [n, d], or its row_errors [n]."""
+    err = _per_document(_as_errors(r, r_hat), docs)
+    tot = _per_document(row_errors(r, torch.zeros(()).expand_as(r)), docs)
     ratio, lo, hi = ratio_of_sums_ci(err, tot, n_boot, seed)
     return {"residual_reduction": 1 - ratio, "ci": [1 - hi, 1 - lo]}
 
 
 def gain_ci(r: torch.Tensor, r_hat_a: torch.Tensor, r_hat_b: torch.Tensor, docs: torch.Tensor | None,
             n_boot: int = 1000, seed: int = 0) -> dict:
-    """Reduction(a) - reduction(b) on the same tokens, with a paired bootstrap CI over documents."""
-    err_a = _per_document((r.double() - r_hat_a.double()).pow(2).sum(1), docs)
-    err_b = _per_document((r.double() - r_hat_b.double()).pow(2).sum(1), docs)
-    tot = _per_document(r.double().pow(2).sum(1), docs)
+    """Reduction(a) - reduction(b) on the same tokens, with a paired bootstrap CI over documents (predictions
+    [n, d] or their row_errors [n])."""
+    err_a = _per_document(_as_errors(r, r_hat_a), docs)
+    err_b = _per_document(_as_errors(r, r_hat_b), docs)
+    tot = _per_document(row_errors(r, torch.zeros(()).expand_as(r)), docs)
     diff, lo, hi = ratio_of_sums_ci(err_b - err_a, tot, n_boot, seed)
     return {"gain": diff, "ci": [lo, hi], "n_units": int(len(tot))}

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save_tensors
-from .cli import DEFAULT_TRAIN_TOKENS, DEFAULT_VAL_TOKENS, UserError
+from .cli import DEFAULT_FILE_VAL_TOKENS, DEFAULT_TRAIN_TOKENS, DEFAULT_VAL_TOKENS, UserError
+from .rows import DEFAULT_BLOCK_ROWS, DEFAULT_MIX, FileRows, Segment, TensorRows, file_rows
 
 WIKITEXT = {"wikitext-103": "wikitext-103-raw-v1", "wikitext-2": "wikitext-2-raw-v1"}
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -327,37 +327,48 @@ def _write_manifest(folder: Path, man: dict) -> None:
     atomic_write_bytes(folder / MANIFEST, (json.dumps(man, indent=1) + "\n").encode())
 
 
-def _load_entry(folder: Path, man: dict, in_memory: dict | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor] | int:
-    """The entry's rows, concatenated in the stored dtype; or the index of the first unreadable shard."""
-    in_memory = in_memory or {}
+def _entry_rows(folder: Path, man: dict) -> FileRows | int:
+    """The entry's rows on disk (read lazily, in the stored dtype); or the index of the first unreadable shard."""
     dtype = CACHE_DTYPES[man["dtype"]]
-    acts = torch.empty(man["rows"], man["d"], dtype=dtype)
-    docs = torch.empty(man["rows"], dtype=torch.long)
-    r = 0
+    segs = []
     for i, sh in enumerate(man["shards"]):
-        if sh["file"] in in_memory:
-            a, d = in_memory.pop(sh["file"])
-        else:
-            try:
-                with safe_open(str(folder / sh["file"]), framework="pt") as f:
-                    a, d = f.get_tensor("activations"), f.get_tensor("doc_ids")
-            except (OSError, SafetensorError):
-                return i
-        if a.shape != (sh["rows"], man["d"]) or a.dtype != dtype or d.shape != (sh["rows"],):
+        try:
+            seg = Segment(folder / sh["file"])
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
             return i
-        acts[r:r + sh["rows"]] = a
-        docs[r:r + sh["rows"]] = d
-        r += sh["rows"]
-    return acts, docs
+        if seg.shape != (sh["rows"], man["d"]) or seg.dtype != dtype or seg.doc_shape != (sh["rows"],):
+            return i
+        segs.append(seg)
+    return FileRows(segs)
 
 
-@torch.no_grad()
+def _load_entry(folder: Path, man: dict) -> tuple[torch.Tensor, torch.Tensor] | int:
+    """The entry's rows, concatenated in the stored dtype; or the index of the first unreadable shard."""
+    rows = _entry_rows(folder, man)
+    if isinstance(rows, int):
+        return rows
+    try:
+        return rows.load(), rows.docs()
+    except OSError:
+        return 0
+
+
 def cached_activations(spec: DataSpec, split: str, max_tokens: int, lm_batch_size: int, cache_dir: str,
                        dtype: str, device: str, lm: dict, cache_dtype: str = DEFAULT_CACHE_DTYPE,
                        shard_tokens: int = DEFAULT_CACHE_SHARD_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """cached_rows, loaded: (activations [n, d], doc_ids [n]) in memory (small sets and tests)."""
+    rows = cached_rows(spec, split, max_tokens, lm_batch_size, cache_dir, dtype, device, lm, cache_dtype, shard_tokens)
+    return rows.load(), rows.docs()
+
+
+@torch.no_grad()
+def cached_rows(spec: DataSpec, split: str, max_tokens: int, lm_batch_size: int, cache_dir: str,
+                dtype: str, device: str, lm: dict, cache_dtype: str = DEFAULT_CACHE_DTYPE,
+                shard_tokens: int = DEFAULT_CACHE_SHARD_TOKENS) -> FileRows | TensorRows:
     """Collect (or reuse / resume from the cache) activations for one split, in `cache_dtype` (also when the
-    cache is off, so cached and uncached runs see the same values). `lm` memoises the loaded model."""
+    cache is off, so cached and uncached runs see the same values). `lm` memoises the loaded model.
+    The rows stay on disk (FileRows over the entry's shards); with the cache off ('') they are collected into
+    memory (TensorRows), so a long collection should keep the cache on."""
     from .models import load_model, resolve_model_path
 
     if cache_dtype not in CACHE_DTYPES:
@@ -374,7 +385,7 @@ def cached_activations(spec: DataSpec, split: str, max_tokens: int, lm_batch_siz
         return lm["model"], lm["tokenizer"]
 
     if not cache_dir:
-        return collect_activations(*ensure_lm(), spec, split, max_tokens, lm_batch_size, store_dtype=store)
+        return TensorRows(*collect_activations(*ensure_lm(), spec, split, max_tokens, lm_batch_size, store_dtype=store))
 
     path = resolve_model_path(spec.model)
     key = json.dumps({**asdict(spec), "model": model_fingerprint(path), "split": split, "n": max_tokens,
@@ -382,7 +393,7 @@ def cached_activations(spec: DataSpec, split: str, max_tokens: int, lm_batch_siz
     folder = cache_entry(cache_dir, key, split)
     man = _read_manifest(folder, key)
     if man is not None and man["complete"]:
-        got = _load_entry(folder, man)
+        got = _entry_rows(folder, man)
         if not isinstance(got, int):
             return got
         man = _truncated(man, got)                          # a damaged shard: collect again from there
@@ -391,7 +402,6 @@ def cached_activations(spec: DataSpec, split: str, max_tokens: int, lm_batch_siz
                "rows": 0, "sequences": 0, "complete": False, "shards": []}
     model, tok = ensure_lm()
     man["lm_batch_size"] = lm_batch_size
-    fresh: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # shards written by this run, kept in memory
     buf_a: list[torch.Tensor] = []
     buf_d: list[torch.Tensor] = []
 
@@ -400,7 +410,6 @@ def cached_activations(spec: DataSpec, split: str, max_tokens: int, lm_batch_siz
         buf_a.clear(), buf_d.clear()
         name = f"shard-{len(man['shards']):05d}.safetensors"
         atomic_save_tensors(folder / name, {"activations": a, "doc_ids": d}, metadata={"key": key})
-        fresh[name] = (a, d)
         man["shards"].append({"file": name, "rows": a.shape[0], "sequences": consumed})
         man["rows"] += a.shape[0]
         man["sequences"] = consumed
@@ -426,7 +435,7 @@ def cached_activations(spec: DataSpec, split: str, max_tokens: int, lm_batch_siz
         raise UserError(f"--dataset {spec.dataset}: the {split} split gave no tokens; use a larger text source")
     man["complete"] = True
     _write_manifest(folder, man)
-    got = _load_entry(folder, man, fresh)
+    got = _entry_rows(folder, man)
     if isinstance(got, int):
         raise UserError(f"activation cache {folder}: shard {man['shards'][got]['file']} became unreadable while "
                         f"collecting; delete the folder and run again")
@@ -445,54 +454,62 @@ def save_activation_file(path: Path, acts: torch.Tensor, doc_ids: torch.Tensor |
 
 def load_activation_file(path: str | Path, flag: str, width: int | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Read and validate an activation file (or an activation-cache entry's folder); every problem is a
-    one-line UserError."""
+    """Read and validate a whole activation file (or an activation-cache entry's folder) into memory; every
+    problem is a one-line UserError. Training stages use open_activation_file, which reads it in blocks."""
+    rows = open_activation_file(path, flag, width)
+    return rows.load(), rows.docs()
+
+
+def open_activation_file(path: str | Path, flag: str, width: int | None = None) -> FileRows:
+    """An activation file (or an activation-cache entry's folder) as FileRows, its headers validated; every
+    problem is a one-line UserError. Each block read checks its values (a NaN or inf names its row)."""
     p = Path(path)
     if p.is_dir() and (p / MANIFEST).is_file():             # an activation-cache entry
         man = _read_manifest(p, None)
         if man is None or not man["complete"]:
             raise UserError(f"{flag} {p}: an incomplete or damaged activation-cache entry; rerun the stage that "
                             f"collects it (it resumes) or pass a safetensors file")
-        got = _load_entry(p, man)
-        if isinstance(got, int):
-            raise UserError(f"{flag} {p}: cache shard {man['shards'][got]['file']} is unreadable; delete the folder")
-        return _validated(p, flag, width, *got)
-    if not p.is_file():
+        rows = _entry_rows(p, man)
+        if isinstance(rows, int):
+            raise UserError(f"{flag} {p}: cache shard {man['shards'][rows]['file']} is unreadable; delete the folder")
+    elif not p.is_file():
         raise UserError(f"{flag} {p}: no such file")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            keys = set(f.keys())
-            if "activations" not in keys:
-                raise UserError(f"{flag} {p}: no tensor named 'activations' (found: {', '.join(sorted(keys)) or 'none'}); "
-                                f"save one [n, d] tensor under that name")
-            acts = f.get_tensor("activations")
-            docs = f.get_tensor("doc_ids") if "doc_ids" in keys else None
-    except SafetensorError as e:
-        raise UserError(f"{flag} {p}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    return _validated(p, flag, width, acts, docs)
-
-
-def _validated(p: Path, flag: str, width: int | None, acts: torch.Tensor, docs: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if acts.ndim != 2:
-        raise UserError(f"{flag} {p}: 'activations' has shape {tuple(acts.shape)}; expected 2-D [n_tokens, d_model]")
-    if acts.dtype not in ACT_DTYPES:
-        raise UserError(f"{flag} {p}: 'activations' has dtype {str(acts.dtype).removeprefix('torch.')}; save it as "
+    else:
+        rows = file_rows([p], flag)
+    seg = rows.segments[0]
+    if len(seg.shape) != 2:
+        raise UserError(f"{flag} {p}: 'activations' has shape {seg.shape}; expected 2-D [n_tokens, d_model]")
+    if seg.dtype not in ACT_DTYPES:
+        raise UserError(f"{flag} {p}: 'activations' has dtype {str(seg.dtype).removeprefix('torch.')}; save it as "
                         f"float16, bfloat16 or float32")
-    if width is not None and acts.shape[1] != width:
-        raise UserError(f"{flag} {p}: activations have width {acts.shape[1]}, but the model expects d={width}; "
+    if width is not None and seg.shape[1] != width:
+        raise UserError(f"{flag} {p}: activations have width {seg.shape[1]}, but the model expects d={width}; "
                         f"pass activations from the same layer and model")
-    if acts.shape[0] == 0:
+    if rows.n == 0:
         raise UserError(f"{flag} {p}: the file holds no rows")
-    for s in range(0, acts.shape[0], 65536):
-        bad = ~torch.isfinite(acts[s:s + 65536])
+    if seg.doc_shape is not None and not rows.has_docs:
+        raise UserError(f"{flag} {p}: 'doc_ids' must be 1-D int64 with one entry per row")
+    rows.check = _finite_check(p, flag)
+    return rows
+
+
+def _finite_check(p: Path, flag: str):
+    def check(block: torch.Tensor, first_row: int) -> None:
+        bad = ~torch.isfinite(block)
         if bad.any():
             row, col = (int(i) for i in bad.nonzero()[0])
-            raise UserError(f"{flag} {p}: 'activations' contains {float(acts[s + row, col])} at row {s + row}, column "
-                            f"{col} (the first non-finite value); remove or fix the rows with NaN or inf")
-    if docs is not None and (docs.ndim != 1 or docs.shape[0] != acts.shape[0]):
-        raise UserError(f"{flag} {p}: 'doc_ids' must be 1-D with one entry per row")
-    return acts, docs
+            raise UserError(f"{flag} {p}: 'activations' contains {float(block[row, col])} at row {first_row + row}, "
+                            f"column {col} (the first non-finite value); remove or fix the rows with NaN or inf")
+    return check
+
+
+def scan_rows(rows: FileRows | TensorRows, desc: str) -> None:
+    """Read every row once, block by block, so a bad value fails the stage before it trains (FileRows check
+    their values as they read); memory stays one block."""
+    if isinstance(rows, FileRows):
+        for _ in tqdm(rows.chunks(rows.block_rows), total=-(-rows.n // rows.block_rows), desc=desc, unit="block",
+                      leave=False):
+            pass
 
 
 # ----------------------------------------------------------------------- the two held-out halves
@@ -535,9 +552,9 @@ def heldout_documents(docs: torch.Tensor | None) -> dict:
             "test": [i for i in ids if heldout_half(i) == "test"]}
 
 
-def split_rows(acts: torch.Tensor, docs: torch.Tensor | None, val_fraction: float = 0.1):
-    """Hold out the last rows of a single activation file: whole documents if doc_ids exist."""
-    n = acts.shape[0]
+def split_cut(n: int, docs: torch.Tensor | None, val_fraction: float = 0.1) -> int:
+    """Where the held-out part of a single activation file starts: the last rows, whole documents if doc_ids
+    exist."""
     cut = int(round(n * (1 - val_fraction)))
     if docs is not None:
         cut_doc = docs[min(cut, n - 1)]
@@ -546,40 +563,49 @@ def split_rows(acts: torch.Tensor, docs: torch.Tensor | None, val_fraction: floa
     if cut <= 0 or cut >= n:
         raise UserError(f"--activations: {n} rows are too few to hold out a validation part; pass more rows or "
                         f"--val-activations")
+    return cut
+
+
+def split_rows(acts: torch.Tensor, docs: torch.Tensor | None, val_fraction: float = 0.1):
+    """Hold out the last rows of a single activation file (in memory): whole documents if doc_ids exist."""
+    cut = split_cut(acts.shape[0], docs, val_fraction)
     return (acts[:cut], None if docs is None else docs[:cut]), (acts[cut:], None if docs is None else docs[cut:])
 
 
 @dataclass
 class Activations:
-    train: torch.Tensor  # [n_train, d]
-    val: torch.Tensor    # [n_val, d]
-    train_docs: torch.Tensor | None
+    train: FileRows | TensorRows | None   # [n_train, d], read a block at a time (common/rows.py); None: not needed
+    val: torch.Tensor              # [n_val, d], in memory (capped by --val-tokens)
     val_docs: torch.Tensor | None
     description: dict
 
 
 def get_activations(args, spec: DataSpec | None, width: int | None = None, lm: dict | None = None,
-                    parent: dict | None = None) -> Activations:
-    """Train/val activations from --activations files, or collected through the LM (cached).
+                    parent: dict | None = None, need_train: bool = True) -> Activations:
+    """Train rows (on disk) and held-out rows (in memory) from --activations files, or collected through the
+    LM (cached). Training rows are never loaded whole: stages gather them per batch (common/rows.py).
 
     `parent` is the data description of the checkpoint this stage builds on: if its LM has changed on
-    disk since (e.g. the demo was rebuilt), the stage refuses to mix the two."""
+    disk since (e.g. the demo was rebuilt), the stage refuses to mix the two. need_train=False: a stage that
+    only evaluates (train is None; nothing of the training split is collected)."""
     lm = {} if lm is None else lm
     if args.activations:
-        acts, docs = load_activation_file(args.activations, "--activations", width)
+        rows = open_activation_file(args.activations, "--activations", width)
         if args.val_activations:
-            vacts, vdocs = load_activation_file(args.val_activations, "--val-activations", acts.shape[1])
-            (tr, trd), (va, vad) = (acts, docs), (vacts, vdocs)
+            tr, held = rows, open_activation_file(args.val_activations, "--val-activations", rows.d)
         else:
-            (tr, trd), (va, vad) = split_rows(acts, docs)
-        n_tr, n_va = args.train_tokens or tr.shape[0], args.val_tokens or va.shape[0]
-        tr, va = tr[:n_tr], va[:n_va]
-        trd = trd[:n_tr] if trd is not None else None
-        vad = vad[:n_va] if vad is not None else None
+            cut = split_cut(rows.n, rows.docs())
+            tr, held = rows.view(0, cut), rows.view(cut, rows.n - cut)
+        tr = tr.view(0, args.train_tokens or tr.n).with_blocks(*_blocks(args))
+        n_va = min(held.n, args.val_tokens or DEFAULT_FILE_VAL_TOKENS)
+        if need_train:
+            scan_rows(tr, "check --activations")
+        va, vad = held.read(0, n_va), held.docs(0, n_va)
         desc = {"source": "activation_file", "activations": str(Path(args.activations).resolve()),
                 "val_activations": str(Path(args.val_activations).resolve()) if args.val_activations else None,
-                "split": "file" if args.val_activations else ("last documents" if docs is not None else "last rows")}
-        return Activations(tr, va, trd, vad, {**desc, "train_tokens": tr.shape[0], "val_tokens": va.shape[0]})
+                "split": "file" if args.val_activations else ("last documents" if rows.has_docs else "last rows")}
+        return Activations(tr if need_train else None, va, vad,
+                           {**desc, "train_tokens": tr.n if need_train else None, "val_tokens": va.shape[0]})
     if spec is None:
         raise UserError("this stage's parent was trained on an activation file; pass --activations FILE")
     from .models import resolve_model_path
@@ -590,13 +616,20 @@ def get_activations(args, spec: DataSpec | None, width: int | None = None, lm: d
     common = dict(lm_batch_size=args.lm_batch_size, cache_dir=args.cache_dir, dtype=args.dtype,
                   device=args.device, lm=lm, cache_dtype=getattr(args, "cache_dtype", DEFAULT_CACHE_DTYPE),
                   shard_tokens=getattr(args, "cache_shard_tokens", DEFAULT_CACHE_SHARD_TOKENS))
-    tr, trd = cached_activations(spec, "train", args.train_tokens or DEFAULT_TRAIN_TOKENS, **common)
+    tr = (cached_rows(spec, "train", args.train_tokens or DEFAULT_TRAIN_TOKENS, **common).with_blocks(*_blocks(args))
+          if need_train else None)
     va, vad = cached_activations(spec, "validation", args.val_tokens or DEFAULT_VAL_TOKENS, **common)
-    if width is not None and tr.shape[1] != width:
-        raise UserError(f"layer {spec.layer} of {spec.model} has width {tr.shape[1]}, but the parent model expects {width}")
+    if width is not None and va.shape[1] != width:
+        raise UserError(f"layer {spec.layer} of {spec.model} has width {va.shape[1]}, but the parent model expects {width}")
     desc = {"source": "model", **asdict(spec), "model_fingerprint": fingerprint, "split": "by document",
-            "train_tokens": tr.shape[0], "val_tokens": va.shape[0], "activation_dtype": str(tr.dtype).removeprefix("torch.")}
-    return Activations(tr, va, trd, vad, desc)
+            "train_tokens": tr.n if need_train else None, "val_tokens": va.shape[0],
+            "activation_dtype": str(va.dtype).removeprefix("torch.")}
+    return Activations(tr, va, vad, desc)
+
+
+def _blocks(args) -> tuple[int, int]:
+    """(--block-rows, --shuffle-blocks): how training rows are read and shuffled (common/rows.py)."""
+    return getattr(args, "block_rows", DEFAULT_BLOCK_ROWS), getattr(args, "shuffle_blocks", DEFAULT_MIX)
 
 
 @torch.no_grad()

@@ -74,7 +74,7 @@ def load_model_path(stage: str, sae: str | None = None, nfm: str | None = None, 
     sec = unorm = None
     if secondary:
         if parent_cfg is None:
-            raise UserError(f"--secondary needs the NFM it was trained on; pass --nfm (or --joint)")
+            raise UserError("--secondary needs the NFM it was trained on; pass --nfm (or --joint)")
         sec, unorm, sec_cfg = load_secondary_checkpoint(secondary)
         if role not in sec_cfg["parents"]:
             raise UserError(f"--secondary {secondary} was not trained on a {role} model; pass the part3 run made "

@@ -283,15 +283,24 @@ class NFM(nn.Module):
 
     # ------------------------------------------------------------------ path ablation
     @torch.no_grad()
-    def set_path_means(self, idx: torch.Tensor, val: torch.Tensor, max_rows: int = 1 << 18) -> None:
-        """Store each path's mean output over training codes (idx, val) [n, k] (an even stride of at most
-        max_rows of them), in eval mode (no dropout)."""
-        step = -(-idx.shape[0] // max_rows)
-        i, v = idx[::step], val[::step]
+    def set_path_means(self, codes, val: torch.Tensor | None = None, max_rows: int = 1 << 18) -> None:
+        """Store each path's mean output over training codes: (idx, val) [n, k], or a Rows whose gather gives
+        (idx, val, ...) (common/rows.py); an even stride of at most max_rows of them, in eval mode (no dropout),
+        summed in float64 a chunk at a time."""
+        from .rows import as_rows
+
+        rows = as_rows(codes if val is None else (codes, val))
+        step = -(-rows.n // max_rows)
         was = self.training
-        self.linear_mean.copy_(predict(self, i, v, ("linear",)).double().mean(0).to(self.linear_mean))
-        self.interaction_mean.copy_(predict(self, i, v, ("interaction",)).double().mean(0).to(self.linear_mean))
-        self.mean_tokens.fill_(i.shape[0])
+        n, sums = 0, {p: torch.zeros(self.cfg.d, dtype=torch.float64) for p in ("linear", "interaction")}
+        for chunk in rows.chunks(8192, step):
+            i, v = chunk[0], chunk[1]
+            n += i.shape[0]
+            for p in sums:
+                sums[p] += predict(self, i, v, (p,)).double().sum(0)
+        self.linear_mean.copy_((sums["linear"] / n).to(self.linear_mean))
+        self.interaction_mean.copy_((sums["interaction"] / n).to(self.linear_mean))
+        self.mean_tokens.fill_(n)
         self.train(was)
 
     def path_mean(self, path: str) -> torch.Tensor:
@@ -311,11 +320,10 @@ class NFM(nn.Module):
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], cfg: dict, prefix: str = "") -> "NFM":
-        m = cls(NFMConfig(**cfg))
+        from .checkpoint import build_loaded
         state = {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
         require_path_means(state)
-        m.load_state_dict(state)
-        return m.eval()
+        return build_loaded(lambda: cls(NFMConfig(**cfg)), state).eval()
 
 
 def require_path_means(state: dict, prefix: str = "") -> None:
@@ -362,17 +370,22 @@ def hidden_all(nfm: NFM, idx: torch.Tensor, val: torch.Tensor, batch: int = 8192
     return batched(nfm.hidden, idx, val, batch=batch, device=module_device(nfm))
 
 
-def train_nfm(nfm: NFM, idx: torch.Tensor, val: torch.Tensor, r: torch.Tensor, sel: tuple, steps: int,
-              batch_size: int, lr: float, eval_every: int, seed: int, ckpt=None, tag: str = "nfm"):
-    """Fit NFM(f) to the residual r by MSE; select the best step on the selection split `sel`=(idx, val, r)."""
+def train_nfm(nfm: NFM, train, sel: tuple, steps: int, batch_size: int, lr: float, eval_every: int, seed: int,
+              ckpt=None, tag: str = "nfm"):
+    """Fit NFM(f) to the residual r by MSE; select the best step on the selection split `sel`=(idx, val, r).
+    train: (idx, val, r) tensors, or a Rows whose gather gives them per batch (part2 computes them from the frozen
+    SAE per batch, common/rows.py)."""
     from .metrics import residual_reduction
+    from .rows import as_rows
     from .train import fit
 
     dev = module_device(nfm)
+    rows = as_rows(train)
 
     def step_loss(b):
-        pred = nfm(idx[b].to(dev, non_blocking=True), val[b].to(dev, non_blocking=True))
-        loss = (pred - r[b].to(dev, non_blocking=True)).pow(2).mean()
+        idx, val, r = rows.gather(b)[:3]
+        pred = nfm(idx.to(dev, non_blocking=True), val.to(dev, non_blocking=True))
+        loss = (pred - r.to(dev, non_blocking=True)).pow(2).mean()
         return loss, {"loss": loss.item()}
 
     def evaluate():
@@ -381,5 +394,7 @@ def train_nfm(nfm: NFM, idx: torch.Tensor, val: torch.Tensor, r: torch.Tensor, s
         return {"val_loss": mse, "val_reduction": residual_reduction(sel[2], pred)}
 
     torch.manual_seed(seed)  # dropout masks
-    return fit(nfm, idx.shape[0], batch_size, steps, lr, step_loss, evaluate, eval_every, seed, "train NFM",
-               ckpt=ckpt, tag=tag)
+    res = fit(nfm, rows.n, batch_size, steps, lr, step_loss, evaluate, eval_every, seed, "train NFM",
+              ckpt=ckpt, tag=tag, shuffle=rows.shuffle)
+    rows.release()                                      # the block cache: not needed after training
+    return res

@@ -32,19 +32,32 @@ class Normalizer:
         self.mode = mode
 
     @classmethod
-    def fit(cls, x: torch.Tensor, mode: str, max_rows: int = 200_000) -> "Normalizer":
-        """Fit on training activations x [n, d] (a strided subsample of at most max_rows rows)."""
+    def fit(cls, x, mode: str, max_rows: int = 200_000) -> "Normalizer":
+        """Fit on training activations x [n, d] (a tensor, or a Rows read in chunks: common/rows.py), using an
+        even stride of at most max_rows rows; float64 sums, so memory does not grow with the rows."""
+        from .rows import as_rows
+
         if mode not in MODES:
             raise UserError(f"unknown --normalize {mode!r}; use one of {', '.join(MODES)}")
-        d = x.shape[1]
-        sub = x[:: max(1, x.shape[0] // max_rows)].double()
+        rows = as_rows(x)
+        stride = max(1, rows.n // max_rows)
+        chunks = lambda: (c.double() for c in rows.chunks(16384, stride))  # noqa: E731
+        first = next(iter(chunks()))
+        d = first.shape[1]
         if mode == "none":
             return cls(torch.zeros(d), torch.ones(d), mode)
+        n, total = 0, torch.zeros(d, dtype=torch.float64)
+        for c in chunks():
+            n += c.shape[0]
+            total += (c.pow(2) if mode == "scalar" else c).sum(0)
         if mode == "scalar":
-            c = sub.pow(2).sum(1).mean().div(d).sqrt().clamp_min(1e-12)
+            c = total.sum().div(n).div(d).sqrt().clamp_min(1e-12)
             return cls(torch.zeros(d), torch.full((d,), float(c)), mode)
-        mean = sub.mean(0)
-        std = sub.std(0).clamp_min(1e-6)
+        mean = total / n
+        sq = torch.zeros(d, dtype=torch.float64)
+        for c in chunks():
+            sq += (c - mean).pow(2).sum(0)
+        std = (sq / max(1, n - 1)).sqrt().clamp_min(1e-6)
         return cls(mean.float(), std.float(), mode)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

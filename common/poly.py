@@ -279,15 +279,22 @@ class PolyDecoder(nn.Module):
 
     # ------------------------------------------------------------------ path ablation
     @torch.no_grad()
-    def set_path_means(self, idx: torch.Tensor, val: torch.Tensor, max_rows: int = 1 << 18) -> None:
-        """Store the interaction path's mean output over training codes (an even stride of at most max_rows)."""
-        step = -(-idx.shape[0] // max_rows)
-        i, v = idx[::step], val[::step]
+    def set_path_means(self, codes, val: torch.Tensor | None = None, max_rows: int = 1 << 18) -> None:
+        """Store the interaction path's mean output over training codes ((idx, val) [n, k] or a Rows giving
+        (idx, val, ...)): an even stride of at most max_rows, summed in float64 a chunk at a time."""
+        from .rows import as_rows
+
+        rows = as_rows(codes if val is None else (codes, val))
+        step = -(-rows.n // max_rows)
         was = self.training
         self.eval()
-        y = batched(self.interaction, i, v, batch=8192, device=module_device(self))
-        self.interaction_mean.copy_(y.double().mean(0).to(self.interaction_mean))
-        self.mean_tokens.fill_(i.shape[0])
+        n, total = 0, torch.zeros(self.interaction_mean.shape[0], dtype=torch.float64)
+        for chunk in rows.chunks(8192, step):
+            y = batched(self.interaction, chunk[0], chunk[1], batch=8192, device=module_device(self))
+            n += y.shape[0]
+            total += y.double().sum(0)
+        self.interaction_mean.copy_((total / n).to(self.interaction_mean))
+        self.mean_tokens.fill_(n)
         self.train(was)
 
     def path_mean(self, path: str) -> torch.Tensor:
@@ -355,8 +362,8 @@ class PolyJointModel(SharedCodePaths, nn.Module):
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], hp: dict) -> "PolyJointModel":
-        m = cls(SAEConfig(**hp["sae"]), PolyConfig(**hp["poly"]))
+        from .checkpoint import build_loaded
         if "poly.mean_tokens" not in t:
             raise UserError("this PolySAE checkpoint holds no interaction path mean; retrain it with part5 --decoder poly")
-        m.load_state_dict({k: v for k, v in t.items() if not k.startswith(("norm.", "init."))})
-        return m.eval()
+        return build_loaded(lambda: cls(SAEConfig(**hp["sae"]), PolyConfig(**hp["poly"])),
+                            {k: v for k, v in t.items() if not k.startswith(("norm.", "init."))}).eval()

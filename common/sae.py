@@ -258,9 +258,9 @@ class TopKSAE(nn.Module):
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], cfg: dict, prefix: str = "") -> "TopKSAE":
-        sae = cls(SAEConfig(**cfg))
-        sae.load_state_dict({k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)})
-        return sae.eval()
+        from .checkpoint import build_loaded
+        return build_loaded(lambda: cls(SAEConfig(**cfg)),
+                            {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}).eval()
 
     def hparams(self) -> dict:
         return asdict(self.cfg)
@@ -293,28 +293,32 @@ def reconstruct_all(sae: TopKSAE, x: torch.Tensor, batch: int = 4096) -> torch.T
     return batched(lambda xb: sae(xb.float())[0], x, batch=batch, device=module_device(sae))
 
 
-def train_sae(sae: TopKSAE, train_x: torch.Tensor, select_x: torch.Tensor, steps: int, batch_size: int,
+def train_sae(sae: TopKSAE, train_x, select_x: torch.Tensor, steps: int, batch_size: int,
               lr: float, eval_every: int, seed: int, desc: str, optimizer: str = DEFAULT_OPTIMIZER,
               ckpt=None, tag: str = "sae"):
-    """Train on normalised rows; select the best step by FVU on select_x. Returns FitResult.
-    ckpt/tag: training state for --resume (common/train.py TrainCheckpoints)."""
+    """Train on normalised rows train_x (a tensor [n, d] or a Rows, common/rows.py: read per batch); select the
+    best step by FVU on select_x. Returns FitResult. ckpt/tag: training state for --resume (TrainCheckpoints)."""
     from .metrics import recon_stats
+    from .rows import as_rows
     from .train import fit
 
     dev = module_device(sae)
-    first = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(seed))[:batch_size]
-    sae.init_b_dec(train_x[first].to(dev).float())
+    rows = as_rows(train_x)
+    first = torch.randperm(rows.n, generator=torch.Generator().manual_seed(seed))[:batch_size]
+    sae.init_b_dec(rows.take(first).to(dev).float())
 
     def step_loss(idx):
-        return sae.loss(train_x[idx].to(dev, non_blocking=True).float())
+        return sae.loss(rows.gather(idx).to(dev, non_blocking=True).float())
 
     def evaluate():
         st = recon_stats(sae, select_x)
         return {"val_loss": st["fvu"], "val_fvu": st["fvu"], "val_l0": st["l0"]}
 
-    return fit(sae, train_x.shape[0], batch_size, steps, lr, step_loss, evaluate, eval_every, seed, desc,
-               before_step=sae.remove_parallel_grad, after_step=sae.renorm_decoder, optimizer=optimizer,
-               eval_transform=sae.renorm_decoder, ckpt=ckpt, tag=tag)
+    res = fit(sae, rows.n, batch_size, steps, lr, step_loss, evaluate, eval_every, seed, desc,
+              before_step=sae.remove_parallel_grad, after_step=sae.renorm_decoder, optimizer=optimizer,
+              eval_transform=sae.renorm_decoder, ckpt=ckpt, tag=tag, shuffle=rows.shuffle)
+    rows.release()                                      # the block cache: not needed after training
+    return res
 
 
 def load_topk_sae(path, flag: str = "--sae", kind: str = "sae"):
@@ -326,6 +330,15 @@ def load_topk_sae(path, flag: str = "--sae", kind: str = "sae"):
     tensors, cfg = load(path, kind, flag)
     sae = TopKSAE.from_tensors({k: v for k, v in tensors.items() if not k.startswith(("norm.", "init."))}, cfg["hparams"])
     return sae, Normalizer.from_tensors(tensors, cfg["normalize"]), cfg
+
+
+@torch.no_grad()
+def batch_codes(sae: TopKSAE, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For one batch of normalised rows: (idx [b, k], val [b, k], r = x - x_hat [b, d]) on the SAE's device.
+    What the streaming stages compute per training batch, instead of holding codes for every token."""
+    x = x_norm.to(module_device(sae), non_blocking=True).float()
+    idx, val = sae.encode(x)
+    return idx, val, x - sae.decode(idx, val)
 
 
 @torch.no_grad()

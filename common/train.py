@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .cli import STATE_DIR, Interrupted, UserError, run_args
+from .rows import epoch_order
 
 
 def lr_factor(step: int, total: int, warmup_frac: float = 0.05, decay_frac: float = 0.2) -> float:
@@ -119,7 +120,8 @@ class TrainCheckpoints:
 
 
 def _state_tensors(prefix: str, state: dict) -> dict[str, torch.Tensor]:
-    return {f"{prefix}{k}": v.detach().cpu().clone() for k, v in state.items()}
+    # written at once (common/checkpoint.write_safetensors streams each tensor), so no copy of CPU tensors
+    return {f"{prefix}{k}": v.detach().cpu() for k, v in state.items()}
 
 
 def _unprefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -132,7 +134,7 @@ def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor
     for pid, st in sd["state"].items():
         for name, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"opt.{pid}.{name}"] = v.detach().cpu().clone()
+                tensors[f"opt.{pid}.{name}"] = v.detach().cpu()
             else:
                 scalars[f"{pid}.{name}"] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -224,14 +226,17 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
         before_step: Callable[[], None] | None = None, after_step: Callable[[], None] | None = None,
         select_key: str = "val_loss", optimizer: str = "adam",
         eval_transform: Callable[[], None] | None = None,
-        ckpt: TrainCheckpoints | None = None, tag: str = "model") -> FitResult:
+        ckpt: TrainCheckpoints | None = None, tag: str = "model",
+        shuffle: tuple[int, int] | None = None) -> FitResult:
     """Train `model` for `steps` minibatches of row indices; step_loss(idx) returns (loss, logs).
 
     optimizer "adam": Adam with the warm-up/decay schedule above; "signsgd-sf": schedule-free SignSGD
     (common/optim.py) at a constant lr, evaluated and saved at its averaged iterate.
     eval_transform: applied in place to the weights that are evaluated and kept (e.g. the SAE's projection of
     decoder rows back to unit norm); training continues from the untransformed weights.
-    ckpt/tag: save the training state under ckpt.folder(tag) and, with --resume, start from the latest one."""
+    ckpt/tag: save the training state under ckpt.folder(tag) and, with --resume, start from the latest one.
+    shuffle: (block_rows, mix) of rows read from disk (`Rows.shuffle`): each epoch's order is windowed so a
+    batch touches few blocks (common/rows.py epoch_order); None: a plain permutation of rows in memory."""
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "signsgd-sf":
         from .optim import ScheduleFreeSignSGD
@@ -242,7 +247,7 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
         raise ValueError(f"unknown optimizer {optimizer!r}")
     schedule_free = optimizer == "signsgd-sf"
     gen = torch.Generator().manual_seed(seed)
-    perm, pos = torch.randperm(n_train, generator=gen), 0
+    perm, pos = epoch_order(n_train, gen, shuffle), 0
     res = FitResult(steps=steps)
     running: dict[str, float] = {}
     start, last_saved = 0, None
@@ -293,7 +298,7 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
     try:
         for step in bar:
             if pos + batch_size > n_train:
-                perm, pos = torch.randperm(n_train, generator=gen), 0
+                perm, pos = epoch_order(n_train, gen, shuffle), 0
             idx = perm[pos:pos + batch_size]            # the global batch, the same on every rank
             pos += batch_size
             if world > 1:

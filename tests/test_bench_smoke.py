@@ -58,3 +58,21 @@ def test_stream_memory_bench_measures_each_stage_at_two_sizes(tmp_path):
     by = m["stages"]["part1"]
     assert set(by) == {"1000", "4000", "ratio"} and by["1000"] > 50          # MB: a python process with torch
     assert abs(by["ratio"] - by["4000"] / by["1000"]) < 1e-12 and "peak RSS ratio" in out
+
+
+def test_paper_rehearsal_runs_every_stage_with_the_paper_preset_at_tiny_size(tmp_path):
+    """The rehearsal's smoke size: a tiny Llama and 2,048-entry tokenizer built by the bench, then every stage
+    (part1 -> part9, detect, part3 --joint, part5 poly, interpret_features through the fake transport) under
+    --preset paper with tiny dictionaries. Checks the commands stay valid as the stages' flags change."""
+    import json
+    out = _run("bench/paper_rehearsal.py", "--tiny", "--train-tokens", "1024", "--val-tokens", "512",
+               "--work", str(tmp_path), timeout=900)
+    m = json.loads((tmp_path / "tiny" / "rehearsal.json").read_text())
+    names = ["part1", "part2", "detect", "part3", "part5", "part5_poly", "part3_joint", "part4", "part4_joint",
+             "part6", "part7", "part8", "part9", "interpret"]
+    assert list(m["stages"]) == names and all(s["rc"] == 0 for s in m["stages"].values()), out
+    assert all(s["peak_rss_mb"] > 50 and s["seconds"] > 0 for s in m["stages"].values())
+    cfg = json.loads((tmp_path / "tiny" / "model" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 4 and cfg["vocab_size"] == 2048
+    expl = json.loads((tmp_path / "tiny" / "interpret" / "explanations.json").read_text())
+    assert {e["explanation"] for e in expl.values()} == {"Fires on a rehearsal token."}

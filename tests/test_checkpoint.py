@@ -95,3 +95,19 @@ def test_a_malicious_pickle_where_weights_are_expected_is_refused_not_executed(t
         with pytest.raises(UserError, match="not a readable safetensors file"):
             load_activation_file(tmp_path / name, "--activations")
     assert not marker.exists()
+
+
+def test_streamed_safetensors_writer_gives_save_files_bytes(tmp_path):
+    """write_safetensors (no in-memory bytes copy of the tensors) against safetensors' own save_file: the same
+    bytes, for every stored dtype, 0-d, empty and non-contiguous tensors, with and without metadata."""
+    from safetensors.torch import save_file
+
+    from common.checkpoint import ST_DTYPE_NAMES, write_safetensors
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}.{str(dt)[6:]}": (torch.randn(3, 5, generator=g) * 50).to(dt) for i, dt in enumerate(ST_DTYPE_NAMES)}
+    tensors.update({"zero_d": torch.tensor(2.5), "empty": torch.zeros(0, 4), "strided": torch.randn(6, 4, generator=g).T,
+                    "a.first": torch.arange(9, dtype=torch.int32)})
+    for meta in (None, {"key": "value", "n": "3"}):
+        write_safetensors(tmp_path / "ours.safetensors", tensors, meta)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "theirs.safetensors"), metadata=meta)
+        assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()

@@ -91,7 +91,7 @@ def _oracle(null: bool):
     sel = tuple(z[n_tr:22000] for z in (idx, val, target))
     torch.manual_seed(0)
     nfm = NFM(NFMConfig(n_features=128, d=32, dim=32, hidden=64, dropout=0.0))
-    train_nfm(nfm, idx[:n_tr], val[:n_tr], target[:n_tr], sel, steps=1500, batch_size=512, lr=3e-3,
+    train_nfm(nfm, (idx[:n_tr], val[:n_tr], target[:n_tr]), sel, steps=1500, batch_size=512, lr=3e-3,
               eval_every=500, seed=0)
     test = slice(22000, 24000)
     pred = predict(nfm, idx[test], val[test])
