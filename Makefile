@@ -50,4 +50,4 @@ validate: .venv/.installed
 	$(PY) validate_planted_interactions.py --overwrite
 
 clean:
-	rm -rf $(STAGES) checkpoints/activation_cache checkpoints/seeds checkpoints/bench_stream_memory
+	rm -rf $(STAGES) checkpoints/activation_cache checkpoints/seeds checkpoints/bench_stream_memory checkpoints/paper_rehearsal

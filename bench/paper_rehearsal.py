@@ -43,6 +43,15 @@ OPENLLAMA_3B = dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=
                     hidden_act="silu", tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 TINY = dict(OPENLLAMA_3B, hidden_size=64, intermediate_size=172, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, vocab_size=2048)
+# the full preset, for the extrapolation: (training tokens, batch) of the trained stages (6 epochs each) and host
+# bytes per held-out row (d 3200, K 1024: bf16 rows as read, fp32 normalised rows and their two halves, and in
+# part2/part3 the codes, residuals and hidden layer; the arithmetic is in bench/RESULTS.md)
+FULL_TRAIN = {"part1": (1_000_000, 4096), "part2": (5_000_000, 1024), "part3": (1_000_000, 4096),
+              "part3_joint": (1_000_000, 4096), "part5": (5_000_000, 4096), "part5_poly": (5_000_000, 4096)}
+FULL_VAL = 100_000
+HELD_BYTES = {"part1": 32_000, "part2": 51_000, "part3": 72_000, "part3_joint": 72_000, "part5": 32_000,
+              "part5_poly": 32_000, "part4": 32_000, "part4_joint": 32_000, "part7": 32_000}
+BLOCK_CACHE = 2 * 8 * 32_768 * 3200 * 2          # common/rows.py's bound at d 3200, bfloat16 rows
 LAUNCHER = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
             "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
 FAKE_CLAUDE = """
@@ -153,6 +162,32 @@ def stage_commands(a, model: Path, corpus: Path, w: Path) -> list[tuple[str, lis
     ]
 
 
+def extrapolate(name: str, row: dict, a) -> dict:
+    """The stage at the full preset's token counts: host memory = the rehearsal's peak + what grows with
+    the tokens (held-out rows up to 100k; the training-row block cache up to its bound), an upper bound; time =
+    the rehearsal's seconds x (full steps / rehearsal steps) for trained stages, also an upper bound (it scales
+    the fixed costs too)."""
+    grow = HELD_BYTES.get(name, 0) * max(0, FULL_VAL - a.val_tokens)
+    out = {}
+    if name in FULL_TRAIN:
+        tokens, batch = FULL_TRAIN[name]
+        grow += BLOCK_CACHE
+        out["full_steps"] = int(6 * tokens / batch)
+        out["seconds_upper_bound"] = row["seconds"] * out["full_steps"] / a.steps
+    out["peak_rss_mb_full_preset"] = row["peak_rss_mb"] + grow / 2 ** 20
+    return out
+
+
+def print_table(stages: dict) -> None:
+    print("| stage | seconds | peak RSS | full preset: peak RSS (upper bound) | full preset: steps, CPU time (upper bound) |")
+    print("|---|---|---|---|---|")
+    for name, r in stages.items():
+        e = r.get("extrapolated", {})
+        steps = (f"{e['full_steps']:,} steps, {e['seconds_upper_bound'] / 3600:,.0f} h" if "full_steps" in e else "–")
+        full = f"{e['peak_rss_mb_full_preset'] / 1024:.1f} GB" if e else "–"
+        print(f"| {name} | {r['seconds']:.0f} | {r['peak_rss_mb'] / 1024:.1f} GB | {full} | {steps} |")
+
+
 def run_stage(argv: list[str], log: Path) -> tuple[float, float, int]:
     """(wall seconds, peak RSS MB, return code); the stage's output goes to `log`."""
     t0 = time.perf_counter()
@@ -202,10 +237,17 @@ def main():
             continue
         wall, mb, rc = run_stage(argv, w / f"{name}.log")
         stages[name] = {"what": what, "seconds": wall, "peak_rss_mb": mb, "rc": rc}
+        if rc == 0 and not a.tiny:
+            stages[name]["extrapolated"] = extrapolate(name, stages[name], a)
         print(f"{name:12s} {'ok' if rc == 0 else f'FAILED rc {rc}':>8s} {wall:7.1f} s  peak RSS {mb:8.0f} MB"
               + ("" if rc == 0 else f"  (log: {w / (name + '.log')})"), flush=True)
         out_json.write_text(json.dumps(result, indent=1) + "\n")
     result["total_seconds"] = sum(s["seconds"] for s in stages.values()) + result["build_seconds"]
+    if not a.tiny:
+        for name, row in stages.items():
+            if row["rc"] == 0:
+                row["extrapolated"] = extrapolate(name, row, a)
+        print_table(stages)
     out_json.write_text(json.dumps(result, indent=1) + "\n")
     print(f"written to {out_json}")
     if any(s["rc"] != 0 for s in stages.values()):

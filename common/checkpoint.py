@@ -74,17 +74,6 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
                 f.write(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
 
 
-def build_loaded(make, state: dict[str, torch.Tensor]):
-    """make() built on the meta device (no random init, no memory), then `state`'s tensors assigned as its
-    parameters and buffers without a copy (cast to the module's dtypes). Loading the paper's 50,000-latent SAE
-    this way holds it once (1.3 GB), not three times (random init, its clones, then the loaded copy)."""
-    with torch.device("meta"):
-        m = make()
-    ref = {**dict(m.named_parameters()), **dict(m.named_buffers())}
-    m.load_state_dict({k: v.to(ref[k].dtype) if k in ref else v for k, v in state.items()}, assign=True)
-    return m
-
-
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """save_file into a temporary sibling, then rename: a crash never leaves a truncated file in place."""
     path = Path(path)

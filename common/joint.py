@@ -66,10 +66,10 @@ class JointModel(SharedCodePaths, nn.Module):
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], hp: dict) -> "JointModel":
-        from .checkpoint import build_loaded
+        m = cls(SAEConfig(**hp["sae"]), NFMConfig(**hp["nfm"]))
         require_path_means(t, "nfm.")
-        return build_loaded(lambda: cls(SAEConfig(**hp["sae"]), NFMConfig(**hp["nfm"])),
-                            {k: v for k, v in t.items() if not k.startswith(("norm.", "init."))}).eval()
+        m.load_state_dict({k: v for k, v in t.items() if not k.startswith(("norm.", "init."))})
+        return m.eval()
 
 
 def load_joint_checkpoint(path, flag: str = "--joint", allow_poly: bool = False):

@@ -320,10 +320,11 @@ class NFM(nn.Module):
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], cfg: dict, prefix: str = "") -> "NFM":
-        from .checkpoint import build_loaded
+        m = cls(NFMConfig(**cfg))
         state = {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
         require_path_means(state)
-        return build_loaded(lambda: cls(NFMConfig(**cfg)), state).eval()
+        m.load_state_dict(state)
+        return m.eval()
 
 
 def require_path_means(state: dict, prefix: str = "") -> None:

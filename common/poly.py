@@ -362,8 +362,8 @@ class PolyJointModel(SharedCodePaths, nn.Module):
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], hp: dict) -> "PolyJointModel":
-        from .checkpoint import build_loaded
+        m = cls(SAEConfig(**hp["sae"]), PolyConfig(**hp["poly"]))
         if "poly.mean_tokens" not in t:
             raise UserError("this PolySAE checkpoint holds no interaction path mean; retrain it with part5 --decoder poly")
-        return build_loaded(lambda: cls(SAEConfig(**hp["sae"]), PolyConfig(**hp["poly"])),
-                            {k: v for k, v in t.items() if not k.startswith(("norm.", "init."))}).eval()
+        m.load_state_dict({k: v for k, v in t.items() if not k.startswith(("norm.", "init."))})
+        return m.eval()

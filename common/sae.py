@@ -258,9 +258,9 @@ class TopKSAE(nn.Module):
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], cfg: dict, prefix: str = "") -> "TopKSAE":
-        from .checkpoint import build_loaded
-        return build_loaded(lambda: cls(SAEConfig(**cfg)),
-                            {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}).eval()
+        sae = cls(SAEConfig(**cfg))
+        sae.load_state_dict({k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)})
+        return sae.eval()
 
     def hparams(self) -> dict:
         return asdict(self.cfg)

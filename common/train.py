@@ -57,7 +57,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)   # one row per evaluation
     best_step: int = -1
     best_val: float = math.inf
-    best_state: dict | None = None
+    best_state: dict | None = None                        # during fit only (loaded into the model at the end)
     steps: int = 0
 
 
@@ -371,6 +371,7 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
         bar.close()
     if res.best_state is not None:
         model.load_state_dict(res.best_state)
+        res.best_state = None       # now the model's own weights: a second copy of a model is GBs at the preset
     model.eval()
     return res
 

@@ -107,7 +107,17 @@ def test_streamed_safetensors_writer_gives_save_files_bytes(tmp_path):
     tensors = {f"t{i}.{str(dt)[6:]}": (torch.randn(3, 5, generator=g) * 50).to(dt) for i, dt in enumerate(ST_DTYPE_NAMES)}
     tensors.update({"zero_d": torch.tensor(2.5), "empty": torch.zeros(0, 4), "strided": torch.randn(6, 4, generator=g).T,
                     "a.first": torch.arange(9, dtype=torch.int32)})
-    for meta in (None, {"key": "value", "n": "3"}):
+    for meta in (None, {"key": "value"}):
         write_safetensors(tmp_path / "ours.safetensors", tensors, meta)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "theirs.safetensors"), metadata=meta)
         assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+    # several metadata keys: save_file's order follows a Rust HashMap (it varies between processes); ours is the
+    # dict's, so the same call gives the same bytes every time
+    from safetensors import safe_open
+    meta = {"key": "value", "n": "3", "a": "x"}
+    write_safetensors(tmp_path / "ours.safetensors", tensors, meta)
+    first = (tmp_path / "ours.safetensors").read_bytes()
+    write_safetensors(tmp_path / "ours.safetensors", tensors, meta)
+    assert (tmp_path / "ours.safetensors").read_bytes() == first
+    with safe_open(str(tmp_path / "ours.safetensors"), framework="pt") as f:
+        assert f.metadata() == meta and all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
