@@ -52,8 +52,7 @@ FULL_VAL = 100_000
 HELD_BYTES = {"part1": 32_000, "part2": 51_000, "part3": 72_000, "part3_joint": 72_000, "part5": 32_000,
               "part5_poly": 32_000, "part4": 32_000, "part4_joint": 32_000, "part7": 32_000}
 BLOCK_CACHE = 2 * 8 * 32_768 * 3200 * 2          # common/rows.py's bound at d 3200, bfloat16 rows
-LAUNCHER = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
-            "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+from bench.bench_stream_memory import LAUNCHER  # noqa: E402  (the child-peak-RSS launcher, shared)
 FAKE_CLAUDE = """
 import json, sys
 sys.path.insert(0, {root!r})

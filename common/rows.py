@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 import struct
 from collections import OrderedDict
 from pathlib import Path
@@ -53,14 +54,15 @@ def epoch_order(n: int, gen: torch.Generator, shuffle: tuple[int, int] | None) -
     return torch.cat(parts)
 
 
-class Rows:
+class Rows(ABC):
     """n rows of width d (or of whatever a MappedRows' function returns). Subclasses define `n`, `gather`."""
     n: int
     d: int
     shuffle: tuple[int, int] | None = None      # (block_rows, mix) for epoch_order; None: rows are in memory
 
+    @abstractmethod
     def gather(self, idx: torch.Tensor):
-        raise NotImplementedError
+        """The rows idx [b] (a tensor, or a tuple of them)."""
 
     def take(self, idx: torch.Tensor):
         """gather() for a few scattered rows read once (an init batch): on disk, row by row, the block cache
