@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -98,23 +99,11 @@ def fvu_raw(norm: Normalizer, x_norm, x_hat_norm) -> float:
     return acc.result()["fvu"]
 
 
-def main(argv=None):
-    args = cli.parse(build_parser(), argv, stage="part5")
-    dist.init(args)
-    cli.seed_everything(args.seed)
-    out = cli.prepare_out(args.out, args)
-    ckpt = TrainCheckpoints(out, args)
-    t0 = time.time()
-    device = cli.env_device(args.device)
-
-    spec = None if args.activations else DataSpec.from_args(args)
-    acts = dist.main_first(lambda: get_activations(args, spec))
-    d = acts.train.d
-    norm = Normalizer.fit(acts.train, args.normalize)
-    x_train = acts.train.map(norm.encode)               # [n_train, d], read and normalised per batch (common/rows.py)
-    (x_sel,), (x_test,) = split_selection_test(norm.encode(acts.val), acts.val_docs)
-
-    steps = cli.total_steps(args, x_train.n)
+def train_joint(args, out: Path, ckpt, x_train, x_sel, x_test, norm, device, steps: int) -> dict:
+    """Train the joint model, report it on the held-out test half and write its weights (its config.json, which
+    marks the folder complete, is written at the end of main). Returns what main reports; the model itself is
+    gone when this returns, so the parameter-matched baseline trains without it in memory (2 GB at the preset)."""
+    d = x_sel.shape[1]
     sae_cfg = SAEConfig(d=d, n_latents=args.n_latents, k=args.k, auxk_alpha=args.auxk_alpha,
                         dead_tokens=default_dead_tokens(steps, args.batch_size))
     nfm_cfg = NFMConfig(n_features=args.n_latents, d=d, dim=args.nfm_dim, hidden=args.nfm_hidden or args.nfm_dim,
@@ -170,6 +159,37 @@ def main(argv=None):
     code_stats = recon_stats(model.sae, x_test)          # L0 / dead of the shared code (its FVU is the SAE path's)
     report = {"fvu": fvu, "l0": code_stats["l0"], "dead_fraction": code_stats["dead_fraction"],
               "n_tokens": int(x_test.shape[0])}
+    train_record = {"steps": steps, "best_step": fitres.best_step, "lr": lr, "batch_size": args.batch_size,
+                    "train_tokens": int(x_train.n), **cli.resume_record(args)}
+    hparams = model.hparams()
+    # the joint model's weights now, its config.json (which marks the folder complete) at the end: the
+    # parameter-matched baseline below then trains without the joint model in memory (2 GB at the preset)
+    digest = checkpoint.save_weights(out, {**model.state_dict(), **norm.tensors(), "init.sq_norm": init_sq_norm}) \
+        if dist.is_main() else None
+    return {"poly": poly, "params": params, "lr": lr, "fitres": fitres, "fvu": fvu, "report": report,
+            "train_record": train_record, "hparams": hparams, "digest": digest}
+
+
+def main(argv=None):
+    args = cli.parse(build_parser(), argv, stage="part5")
+    dist.init(args)
+    cli.seed_everything(args.seed)
+    out = cli.prepare_out(args.out, args)
+    ckpt = TrainCheckpoints(out, args)
+    t0 = time.time()
+    device = cli.env_device(args.device)
+
+    spec = None if args.activations else DataSpec.from_args(args)
+    acts = dist.main_first(lambda: get_activations(args, spec))
+    d = acts.train.d
+    norm = Normalizer.fit(acts.train, args.normalize)
+    x_train = acts.train.map(norm.encode)               # [n_train, d], read and normalised per batch (common/rows.py)
+    (x_sel,), (x_test,) = split_selection_test(norm.encode(acts.val), acts.val_docs)
+    acts.val = None                                     # the raw held-out rows: only their normalised halves are read
+
+    steps = cli.total_steps(args, x_train.n)
+    j = train_joint(args, out, ckpt, x_train, x_sel, x_test, norm, device, steps)
+    poly, params, fitres, fvu, report = j["poly"], j["params"], j["fitres"], j["fvu"], j["report"]
 
     # the standalone comparison: same parameter count (wider dictionary), same tokens and steps
     if args.baseline_sae:
@@ -215,13 +235,10 @@ def main(argv=None):
                               "(the headline: the paths carry constant offsets that cancel), '[zero_ablation]' deletes "
                               "it; relative FVU reduction = 1 - FVU(joint, all paths) / FVU(other); the 'own SAE "
                               "path' comparison (the reference's 41%) uses the mean-ablated SAE path",
-               "train": {"steps": steps, "best_step": fitres.best_step, "lr": lr, "batch_size": args.batch_size,
-                         "train_tokens": int(x_train.n), "seconds": time.time() - t0,
-                         **cli.resume_record(args)},
+               "train": {**j["train_record"], "seconds": time.time() - t0},
                "data": acts.description, "history": fitres.history}
-    checkpoint.save(out, "joint", {**model.state_dict(), **norm.tensors(), "init.sq_norm": init_sq_norm}, {
-        "hparams": model.hparams(), "normalize": args.normalize, "data": acts.description, "seed": args.seed,
-        "parents": {}, "train": {k: v for k, v in metrics["train"].items() if k != "seconds"}})
+    checkpoint.save_config(out, "joint", {"hparams": j["hparams"], "normalize": args.normalize, "data": acts.description,
+                                          "seed": args.seed, "parents": {}, "train": j["train_record"]}, j["digest"])
     cli.write_json(out / "metrics.json", metrics)
     if poly:
         labels = ["PolySAE: linear dictionary\n[mean_ablation]", "PolySAE: full", "standalone SAE\n(same params)"]

@@ -18,9 +18,10 @@ and document counts. It finds what breaks or does not fit at OpenLLaMA-3B's shap
    Reduced: --train-tokens, --val-tokens, --steps, part6 --docs, part8/9 sentence counts (flags below). part9
    reads the demo word buckets: the English buckets need OpenLLaMA's own tokenizer (single-token words).
 3. Per stage: wall seconds and peak RSS (getrusage of the child); on CUDA also torch.cuda.max_memory_allocated
-   (read from the stage's own report where it prints one; else not recorded). Then an extrapolation to the full
+   (printed at the stage's exit by a wrapper, CUDA_WRAP); for trained stages a lower bound on training tokens/s
+   (steps x the preset's batch / the stage's wall seconds). Then an extrapolation to the full
    preset: time scaled by training steps (training stages) and host memory by what grows with the preset's
-   token counts (common/rows.py bounds the training rows to 2 x 8 blocks of 32,768 rows).
+   token counts (common/rows.py bounds the training rows to 8 blocks of 32,768 rows).
 Writes bench/paper_rehearsal.json (rows written as stages finish; a rerun skips finished stages unless --fresh).
 """
 from __future__ import annotations
@@ -51,8 +52,22 @@ FULL_TRAIN = {"part1": (1_000_000, 4096), "part2": (5_000_000, 1024), "part3": (
 FULL_VAL = 100_000
 HELD_BYTES = {"part1": 32_000, "part2": 51_000, "part3": 72_000, "part3_joint": 72_000, "part5": 32_000,
               "part5_poly": 32_000, "part4": 32_000, "part4_joint": 32_000, "part7": 32_000}
-BLOCK_CACHE = 2 * 8 * 32_768 * 3200 * 2          # common/rows.py's bound at d 3200, bfloat16 rows
+# part6 at the preset evaluates full LM batches (--lm-batch-size 8 of 128 tokens; the rehearsal's 2 documents
+# fill fewer): per batch the log-probabilities (4 float32 [8, 128, 32000] tensors at once) and ~25 variants'
+# replacements of [8 x 127, 3200] float32
+PART6_BATCH = 8 * 128 * (4 * 32_000 * 4 + 25 * 3200 * 4)
+BLOCK_CACHE = 8 * 32_768 * 3200 * 2          # common/rows.py's bound at d 3200, bfloat16 rows
 from bench.bench_stream_memory import LAUNCHER  # noqa: E402  (the child-peak-RSS launcher, shared)
+# on CUDA each stage runs under this wrapper, which prints the stage's torch.cuda.max_memory_allocated at exit
+CUDA_WRAP = ("import atexit, runpy, sys, torch\n"
+             "atexit.register(lambda: torch.cuda.is_initialized() and print('CUDA_MAX_ALLOC_BYTES', "
+             "torch.cuda.max_memory_allocated(), flush=True))\n"
+             "if sys.argv[1] == '-c':\n"
+             "    code, sys.argv = sys.argv[2], ['-c', *sys.argv[3:]]\n"
+             "    exec(compile(code, '<stage>', 'exec'), {'__name__': '__main__'})\n"
+             "else:\n"
+             "    sys.argv = sys.argv[1:]\n"
+             "    runpy.run_path(sys.argv[0], run_name='__main__')\n")
 FAKE_CLAUDE = """
 import json, sys
 sys.path.insert(0, {root!r})
@@ -117,6 +132,10 @@ def stage_commands(a, model: Path, corpus: Path, w: Path) -> list[tuple[str, lis
     if a.tiny:
         lm += ["--layer", "2"]
     data = ["--train-tokens", str(a.train_tokens), "--val-tokens", str(a.val_tokens), "--lm-batch-size", "8"]
+    # every stage reads part1's collection from the rehearsal's own cache, under the same cache key (the LM's
+    # dtype is part of it): otherwise a stage that reads activations collects them again through the LM, and its
+    # peak holds the LM
+    cache = ["--cache-dir", str(w / "cache"), "--dtype", a.dtype]
     train = ["--steps", str(a.steps), "--eval-every", str(a.steps), "--overwrite"]
     P = ["--preset", "paper"]
     small = (["--n-latents", "512", "--k", "16"] if a.tiny else [])
@@ -125,28 +144,28 @@ def stage_commands(a, model: Path, corpus: Path, w: Path) -> list[tuple[str, lis
     o = lambda n: ["--out", str(w / n)]  # noqa: E731
     return [
         ("part1", py + ["part1_train_topk_sae.py", *P, *lm, *data, *train, *small, *o("part1")], "TopK SAE"),
-        ("part2", py + ["part2_train_residual_nfm.py", *P, "--sae", str(w / "part1"), *data[:4], *train, *nfm_small,
+        ("part2", py + ["part2_train_residual_nfm.py", *P, "--sae", str(w / "part1"), *data[:4], *cache, *train, *nfm_small,
                         "--device", a.device, *o("part2")], "NFM + control ladder"),
-        ("detect", py + ["detect_conjunctions.py", *P, "--sae", str(w / "part1"), *data[:4], "--max-rows",
+        ("detect", py + ["detect_conjunctions.py", *P, "--sae", str(w / "part1"), *data[:4], *cache, "--max-rows",
                          str(a.train_tokens), "--device", a.device, "--overwrite", *o("conj")], "conjunction detector"),
-        ("part3", py + ["part3_train_secondary_sae.py", *P, "--nfm", str(w / "part2"), *data[:4], *train, *sec_small,
+        ("part3", py + ["part3_train_secondary_sae.py", *P, "--nfm", str(w / "part2"), *data[:4], *cache, *train, *sec_small,
                         "--device", a.device, *o("part3")], "secondary SAE"),
         ("part5", py + ["part5_joint_sae_nfm.py", *P, *lm, *data, *train, *small, *nfm_small, *o("part5")],
          "joint SAE+NFM and its parameter-matched SAE"),
         ("part5_poly", py + ["part5_joint_sae_nfm.py", *P, "--decoder", "poly", *lm, *data, *train, *small, *nfm_small,
                              "--baseline-sae", str(w / "part5" / "baseline_sae"), *o("part5_poly")], "joint SAE+PolySAE"),
-        ("part3_joint", py + ["part3_train_secondary_sae.py", *P, "--joint", str(w / "part5"), *data[:4], *train,
+        ("part3_joint", py + ["part3_train_secondary_sae.py", *P, "--joint", str(w / "part5"), *data[:4], *cache, *train,
                               *sec_small, "--device", a.device, *o("part3_joint")], "secondary SAE on the joint NFM"),
-        ("part4", py + ["part4_nfm_inspector.py", *P, "--nfm", str(w / "part2"), "--val-tokens", str(a.val_tokens),
+        ("part4", py + ["part4_nfm_inspector.py", *P, "--nfm", str(w / "part2"), "--val-tokens", str(a.val_tokens), *cache,
                         "--overwrite", *o("part4")], "NFM inspector"),
         ("part4_joint", py + ["part4_nfm_inspector.py", *P, "--joint", str(w / "part5"), "--val-tokens",
-                              str(a.val_tokens), "--overwrite", *o("part4_joint")], "NFM inspector, joint"),
+                              str(a.val_tokens), *cache, "--overwrite", *o("part4_joint")], "NFM inspector, joint"),
         ("part6", py + ["part6_kl_divergence.py", *P, "--sae", str(w / "part1"), "--nfm", str(w / "part2"), "--joint",
                         str(w / "part5"), "--poly", str(w / "part5_poly"), "--docs", str(a.docs), "--kl-adapter-steps",
-                        str(a.steps), "--dtype", a.dtype, "--device", a.device, "--overwrite", *o("part6")],
+                        str(a.steps), "--device", a.device, *cache, "--overwrite", *o("part6")],
          "splice KL/CE, baselines, controls, KL adapter"),
         ("part7", py + ["part7_gram_analysis.py", *P, "--sae", str(w / "part1"), "--joint", str(w / "part5"),
-                        "--overwrite", *o("part7")], "decoder geometry"),
+                        "--val-tokens", str(a.val_tokens), *cache, "--overwrite", *o("part7")], "decoder geometry"),
         ("part8", py + ["part8_stimulus_response.py", *P, "--sae", str(w / "part1"), "--nfm", str(w / "part2"),
                         "--secondary", str(w / "part3"), "--dtype", a.dtype, "--device", a.device, "--n-perm",
                         str(a.n_perm), "--overwrite", *o("part8")], "2x2 stimuli"),
@@ -166,7 +185,7 @@ def extrapolate(name: str, row: dict, a) -> dict:
     the tokens (held-out rows up to 100k; the training-row block cache up to its bound), an upper bound; time =
     the rehearsal's seconds x (full steps / rehearsal steps) for trained stages, also an upper bound (it scales
     the fixed costs too)."""
-    grow = HELD_BYTES.get(name, 0) * max(0, FULL_VAL - a.val_tokens)
+    grow = HELD_BYTES.get(name, 0) * max(0, FULL_VAL - a.val_tokens) + (PART6_BATCH if name == "part6" else 0)
     out = {}
     if name in FULL_TRAIN:
         tokens, batch = FULL_TRAIN[name]
@@ -178,24 +197,33 @@ def extrapolate(name: str, row: dict, a) -> dict:
 
 
 def print_table(stages: dict) -> None:
-    print("| stage | seconds | peak RSS | full preset: peak RSS (upper bound) | full preset: steps, CPU time (upper bound) |")
-    print("|---|---|---|---|---|")
+    print("| stage | seconds | peak RSS | CUDA max allocated | full preset: peak RSS (upper bound) | "
+          "full preset: steps, time (upper bound) |")
+    print("|---|---|---|---|---|---|")
     for name, r in stages.items():
         e = r.get("extrapolated", {})
-        steps = (f"{e['full_steps']:,} steps, {e['seconds_upper_bound'] / 3600:,.0f} h" if "full_steps" in e else "–")
-        full = f"{e['peak_rss_mb_full_preset'] / 1024:.1f} GB" if e else "–"
-        print(f"| {name} | {r['seconds']:.0f} | {r['peak_rss_mb'] / 1024:.1f} GB | {full} | {steps} |")
+        steps = (f"{e['full_steps']:,} steps, {e['seconds_upper_bound'] / 3600:,.1f} h" if "full_steps" in e else "–")
+        full = f"{e['peak_rss_mb_full_preset'] / 1024:.1f} GiB" if e else "–"
+        gpu = f"{r['cuda_max_allocated_mb'] / 1024:.1f} GiB" if "cuda_max_allocated_mb" in r else "–"
+        print(f"| {name} | {r['seconds']:.0f} | {r['peak_rss_mb'] / 1024:.1f} GiB | {gpu} | {full} | {steps} |")
 
 
-def run_stage(argv: list[str], log: Path) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS MB, return code); the stage's output goes to `log`."""
+def run_stage(argv: list[str], log: Path, cuda: bool = False) -> dict:
+    """{seconds, peak_rss_mb, rc, cuda_max_allocated_mb (CUDA only)}; the stage's output goes to `log`."""
+    if cuda:
+        argv = [argv[0], "-c", CUDA_WRAP, *argv[1:]]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, "-c", LAUNCHER, *argv], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                               env={**os.environ, "TQDM_DISABLE": "1", "ANTHROPIC_API_KEY": "sk-rehearsal"})
-    wall = time.perf_counter() - t0
-    kib = [int(line.split()[1]) for line in log.read_text().splitlines() if line.startswith("PEAK_RSS_KIB")]
-    return wall, (kib[-1] / 1024 if kib else float("nan")), proc.returncode
+    row = {"seconds": time.perf_counter() - t0, "rc": proc.returncode}
+    lines = log.read_text().splitlines()
+    kib = [int(line.split()[1]) for line in lines if line.startswith("PEAK_RSS_KIB")]
+    row["peak_rss_mb"] = kib[-1] / 1024 if kib else float("nan")
+    alloc = [int(line.split()[1]) for line in lines if line.startswith("CUDA_MAX_ALLOC_BYTES")]
+    if alloc:
+        row["cuda_max_allocated_mb"] = alloc[-1] / 2**20
+    return row
 
 
 def main():
@@ -234,11 +262,15 @@ def main():
         if name in stages and stages[name]["rc"] == 0 and not a.fresh:
             print(f"{name:12s} done before: {stages[name]['seconds']:7.1f} s  {stages[name]['peak_rss_mb']:8.0f} MB")
             continue
-        wall, mb, rc = run_stage(argv, w / f"{name}.log")
-        stages[name] = {"what": what, "seconds": wall, "peak_rss_mb": mb, "rc": rc}
+        row = stages[name] = {"what": what, **run_stage(argv, w / f"{name}.log", a.device.startswith("cuda"))}
+        rc = row["rc"]
+        if name in FULL_TRAIN:              # a lower bound: the wall time includes loading and evaluation
+            row["train_tokens_per_s_lower_bound"] = a.steps * FULL_TRAIN[name][1] / row["seconds"]
         if rc == 0 and not a.tiny:
-            stages[name]["extrapolated"] = extrapolate(name, stages[name], a)
-        print(f"{name:12s} {'ok' if rc == 0 else f'FAILED rc {rc}':>8s} {wall:7.1f} s  peak RSS {mb:8.0f} MB"
+            row["extrapolated"] = extrapolate(name, row, a)
+        print(f"{name:12s} {'ok' if rc == 0 else f'FAILED rc {rc}':>8s} {row['seconds']:7.1f} s  peak RSS "
+              f"{row['peak_rss_mb']:8.0f} MB"
+              + (f"  CUDA max allocated {row['cuda_max_allocated_mb']:8.0f} MB" if "cuda_max_allocated_mb" in row else "")
               + ("" if rc == 0 else f"  (log: {w / (name + '.log')})"), flush=True)
         out_json.write_text(json.dumps(result, indent=1) + "\n")
     result["total_seconds"] = sum(s["seconds"] for s in stages.values()) + result["build_seconds"]

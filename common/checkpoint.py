@@ -99,11 +99,20 @@ def file_hash(path: Path) -> str:
 
 def save(out_dir: Path, kind: str, tensors: dict[str, torch.Tensor], config: dict) -> str:
     """Write weights then config (config last: a folder with a config.json is complete). Returns the hash."""
-    out_dir = Path(out_dir)
-    atomic_save_tensors(out_dir / WEIGHTS, tensors)
-    digest = file_hash(out_dir / WEIGHTS)
+    return save_config(out_dir, kind, config, save_weights(out_dir, tensors))
+
+
+def save_weights(out_dir: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """The first half of `save`: the weights alone (the folder is not complete yet). Returns their hash, for
+    `save_config`. Lets a stage write a model and free it before its other work is done."""
+    atomic_save_tensors(Path(out_dir) / WEIGHTS, tensors)
+    return file_hash(Path(out_dir) / WEIGHTS)
+
+
+def save_config(out_dir: Path, kind: str, config: dict, digest: str) -> str:
+    """The second half of `save`: the config.json that marks the folder complete."""
     cfg = {"kind": kind, **config, "content_hash": digest}
-    atomic_write_bytes(out_dir / CONFIG, (json.dumps(cfg, indent=2) + "\n").encode())
+    atomic_write_bytes(Path(out_dir) / CONFIG, (json.dumps(cfg, indent=2) + "\n").encode())
     return digest
 
 

@@ -146,7 +146,7 @@ def add_data_args(p: argparse.ArgumentParser, with_model_source: bool = True) ->
                    help=f"training tokens (activation vectors) to use (default: {DEFAULT_TRAIN_TOKENS} collected "
                         f"from the LM, or every training row of --activations)")
     g.add_argument("--block-rows", type=int, default=32_768,
-                   help="training rows read from disk at once; training holds at most 2 x --shuffle-blocks such "
+                   help="training rows read from disk at once; training holds at most --shuffle-blocks such "
                         "blocks in memory, whatever the number of training tokens (default: 32768)")
     g.add_argument("--shuffle-blocks", type=int, default=8,
                    help="blocks, drawn in a random order, whose rows are shuffled together; when all training rows "

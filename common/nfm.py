@@ -23,12 +23,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
-from torch.utils.weak import WeakIdKeyDictionary
 
-from . import dist
 from .errors import UserError
-from .sae import TransposedCode
+from .sparse import (_TABLE_BUFFERS, TransposedCode, _bag_dots, _reused, _return_grad,  # noqa: F401
+                     _table_grad_out, _WeightedBag)
 from .train import batched, module_device
 
 PATHS = ("linear", "interaction")
@@ -50,101 +48,6 @@ class NFMConfig:
 
 
 # ---------------------------------------------------------------------------- sparse-path kernels
-def _bag_dots(grad: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """<grad[b], table[idx[b, j]]> for every nonzero: [batch, k].
-
-    The per_sample_weights gradient of F.embedding_bag(mode="sum"), by the ATen kernel its own backward
-    calls; it never builds the [batch, k, width] gathered rows (3 GB at the paper's d=3200, k=1024)."""
-    batch, k = idx.shape
-    flat = idx.reshape(-1)
-    offsets = torch.arange(0, batch * k, k, device=idx.device)
-    bag_of = torch.arange(batch, device=idx.device).repeat_interleave(k)  # offset2bag
-    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        grad.contiguous(), table, flat, offsets, bag_of, 0).view(batch, k)  # mode 0 = sum
-
-
-# Per-table work buffers ([n_features, width], one set per Parameter), kept while the NFM trains. A fresh
-# [n_features, width] tensor every step costs mostly page faults, not arithmetic: at the paper's
-# 50k x 3200 W_lin, writing the step's CSR product into a fresh 640 MB tensor took 200 ms, into a reused
-# one 50 ms (2-core CPU, torch 2.13). Released by NFM.train(False).
-_TABLE_BUFFERS = WeakIdKeyDictionary()
-
-
-def _reused(table: torch.Tensor, name: str) -> torch.Tensor:
-    """An uninitialised tensor like `table`, the same one at every call with the same (table, name)."""
-    bufs = _TABLE_BUFFERS.setdefault(table, {})
-    buf = bufs.get(name)
-    if buf is None or buf.shape != table.shape or buf.dtype != table.dtype or buf.device != table.device:
-        buf = bufs[name] = torch.empty_like(table, memory_format=torch.contiguous_format)
-    return buf
-
-
-def _engine_accumulates_into(table: torch.Tensor) -> bool:
-    """Whether the running backward is a plain .backward() that accumulates into table.grad, rather
-    than autograd.grad() or .backward(inputs=...), which return or select gradients instead (and for
-    which the engine refuses to answer about a leaf)."""
-    try:
-        return torch._C._will_engine_execute_node(get_gradient_edge(table).node)
-    except RuntimeError:
-        return False
-
-
-# Writing a table's gradient in place skips its AccumulateGrad node, so anything hooked on that node from
-# C++ (DistributedDataParallel's allreduce hooks) would not see it: never under torchrun (dist.initialized()),
-# and never when this switch is off.
-REUSE_GRAD_BUFFERS = True
-
-
-def _table_grad_out(table: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor for the backward to overwrite with table's gradient; see `_return_grad`.
-
-    When nothing has written table.grad yet this step (None, e.g. after zero_grad(set_to_none=True)) and
-    no hook observes the table's gradient, the reused buffer is installed as table.grad right away: the
-    backward writes the gradient where AccumulateGrad would have put it and returns None. Otherwise
-    (non-leaf table, hooks, create_graph, a gradient already accumulated) it is a fresh tensor that
-    autograd accumulates as usual. Consequence: table.grad is the same tensor every step, overwritten by
-    the next backward, as with zero_grad(set_to_none=False); copy it if you keep it."""
-    reusable = (REUSE_GRAD_BUFFERS and not dist.initialized() and table.is_leaf and table.grad is None and not torch.is_grad_enabled()
-                and not table._backward_hooks and not getattr(table, "_post_accumulate_grad_hooks", None)
-                and _engine_accumulates_into(table))
-    if not reusable:
-        return torch.empty_like(table, memory_format=torch.contiguous_format)
-    table.grad = _reused(table, "grad")
-    return table.grad
-
-
-def _return_grad(table: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
-    """What backward returns for table: None when `grad` already is table.grad (written in place)."""
-    return None if grad is table.grad else grad
-
-
-class _WeightedBag(torch.autograd.Function):
-    """out[b] = sum_j val[b, j] * table[idx[b, j]] (F @ table), i.e. F.embedding_bag(mode="sum").
-
-    Backward: grad_table = F^T @ grad_out as a CSR product into the reused gradient buffer, and the
-    gradient of val (the joint model trains the encoder through it) only when val requires it."""
-
-    @staticmethod
-    def forward(ctx, idx, val, table, code_t: TransposedCode):
-        ctx.save_for_backward(idx, val, table)
-        ctx.code_t = code_t
-        # detached: embedding_bag then takes its forward-only kernel (no bookkeeping for its own backward)
-        return F.embedding_bag(idx, table.detach(), per_sample_weights=val.detach(), mode="sum")  # [batch, width]
-
-    @staticmethod
-    def backward(ctx, grad_out):                                                       # [batch, width]
-        idx, val, table = ctx.saved_tensors
-        grad_val = grad_table = None
-        if ctx.needs_input_grad[1]:
-            grad_val = _bag_dots(grad_out, table, idx)                                 # [batch, k]
-        if ctx.needs_input_grad[2]:
-            # beta=0: the CSR product overwrites every row (zeros where no feature fired): no memset pass
-            grad_table = _table_grad_out(table)                                        # [n_features, width]
-            grad_table.addmm_(ctx.code_t.csr(), grad_out, beta=0)
-            grad_table = _return_grad(table, grad_table)
-        return None, grad_val, grad_table, None
-
-
 class _BiInteraction(torch.autograd.Function):
     """p = 1/2 (s * s - t) with s = F @ V and t = F^2 @ V^2 (squares elementwise): the bi-interaction
     pooling, [batch, dim]. Autograd through two embedding_bags would also build V * V's gradient, a

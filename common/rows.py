@@ -11,7 +11,9 @@ A training stage sees its training activations as a `Rows` object, never as one 
 
 The shuffle (`epoch_order`) keeps a block cache small: an epoch visits the blocks in a random order, `mix` at a
 time (a *window*), and shuffles rows across the blocks of each window. So a batch touches the blocks of at most
-two windows, and host memory is bounded by 2 * mix * block_rows rows, whatever the number of training tokens.
+two windows, and host memory is bounded by mix * block_rows rows, whatever the number of training tokens (a
+batch uses the blocks it finds cached before it reads any, so a batch straddling two windows evicts only blocks
+of the window that ended, and each block is read once per epoch).
 When every row fits in one window the order is exactly `torch.randperm(n)`, the order of an in-memory run.
 
 Why blocks from random places rather than consecutive rows: consecutive rows are consecutive tokens of the same
@@ -249,7 +251,7 @@ class Segment:
 
 class FileRows(Rows):
     """Rows [start, start + n) of the concatenated segments, read in blocks of `block_rows` through an LRU of
-    2 * mix blocks (a batch of a windowed epoch order touches at most that many)."""
+    `mix` blocks: one window of a windowed epoch order (see the module docstring for why that suffices)."""
 
     def __init__(self, segments: list[Segment], start: int = 0, n: int | None = None,
                  block_rows: int = DEFAULT_BLOCK_ROWS, mix: int = DEFAULT_MIX,
@@ -307,7 +309,7 @@ class FileRows(Rows):
             return self._cache[b]
         t = self.read(b * self.block_rows, min(self.n, (b + 1) * self.block_rows))
         self._cache[b] = t
-        while len(self._cache) > 2 * self.mix:
+        while len(self._cache) > self.mix:
             self._cache.popitem(last=False)
         return t
 
@@ -315,7 +317,9 @@ class FileRows(Rows):
         idx = idx.long()
         blocks = idx // self.block_rows
         out = torch.empty(idx.shape[0], self.d, dtype=self.dtype)
-        for b in torch.unique(blocks).tolist():
+        wanted = torch.unique(blocks).tolist()
+        # cached blocks first: the blocks read below then evict only blocks this batch no longer needs
+        for b in sorted(wanted, key=lambda b: b not in self._cache):
             m = blocks == b
             out[m] = self._block(b)[idx[m] - b * self.block_rows]
         return out

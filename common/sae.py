@@ -38,7 +38,6 @@ W_dec is stored [n_latents, d] (one row per latent) so embedding_bag reads it di
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -47,6 +46,7 @@ from torch import nn
 
 from . import dist
 from .errors import UserError
+from .sparse import _TABLE_BUFFERS, TransposedCode, _PairBag  # TransposedCode: callers import it from here
 from .train import module_device
 
 
@@ -65,61 +65,40 @@ class SAEConfig:
             raise UserError(f"--k {self.k} exceeds --n-latents {self.n_latents}; choose k <= n_latents")
 
 
-class TransposedCode:
-    """F^T: the code (idx, val) as a CSR matrix [n_features, batch] (nonzeros grouped by feature).
-
-    Every table gradient of a sparse code is F^T @ (something [batch, width]) (or (F^2)^T @ ...): the SAE
-    encoder's, the NFM's W_lin and V. As a CSR product that costs O(batch k width) memory and time, where
-    the obvious index_add_ of [batch * k, width] outer products needs batch * k * width memory (54 GB at the
-    paper's batch 4096, K 1024, d 3200) and was 2-6x slower on CPU, and embedding_bag's own backward sorts
-    the indices again for every table (bench/RESULTS.md). The sort is the fixed cost, so it is done once
-    per code, lazily (never in evaluation), and shared by every backward that reads that code."""
-
-    def __init__(self, idx: torch.Tensor, val: torch.Tensor, n_features: int):
-        self.idx, self.val, self.n_features = idx, val.detach(), n_features
-        self._crow = self._rows = self._vals = None
-
-    def _build(self) -> None:
-        # int32 indices where they fit: the sort and the CSR product are ~1.7x faster than with int64; the
-        # sort keys in int16 where features fit (the radix sort's passes scale with the key width)
-        small = max(self.n_features, self.idx.numel()) < 2**31
-        flat = self.idx.reshape(-1).to(torch.int32 if small else torch.long)
-        keys = flat.to(torch.int16) if self.n_features <= 2**15 else flat
-        order = keys.argsort()                                          # [batch * k] nonzeros by feature
-        self._rows = order.to(flat.dtype) // self.idx.shape[1]          # their batch row: F^T's column
-        self._vals = self.val.reshape(-1)[order]                        # their value
-        self._crow = torch.zeros(self.n_features + 1, dtype=flat.dtype, device=flat.device)
-        self._crow[1:] = torch.bincount(flat, minlength=self.n_features).cumsum(0)
-
-    def csr(self, power: int = 1) -> torch.Tensor:
-        """F^T, or (F^2)^T (values squared) with power=2: CSR [n_features, batch]."""
-        if self._crow is None:
-            self._build()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            return torch.sparse_csr_tensor(self._crow, self._rows, self._vals if power == 1 else self._vals ** power,
-                                           (self.n_features, self.idx.shape[0]), check_invariants=False)
-
-
 class _TopKEncode(torch.autograd.Function):
-    """Top-k of ReLU(x @ W^T + b), and optionally AuxK's top-k_aux among the dead latents, from ONE encoder
-    matmul; the backward only touches the selected entries (k + k_aux per row), as sparsify's fused encoder.
+    """Top-k of ReLU(x @ W^T + b), and optionally AuxK's top-k_aux among the dead latents; the backward only
+    touches the selected entries (k + k_aux per row), as sparsify's fused encoder.
 
     ReLU is applied to the k picked values rather than to the whole [batch, n_latents] matrix: ReLU is
     monotone, so the picks' values are the same (when fewer than k are positive the extra picks are 0 either
-    way and get no gradient), and one pass over the largest tensor of the step is saved."""
+    way and get no gradient), and one pass over the largest tensor of the step is saved.
+
+    With AuxK the encoder product is split by column, live latents and dead ones (the weight rows gathered,
+    [n, d], rather than the dead pre-activations, [batch, n_dead]: never more bytes while batch >= d). The
+    dead block's top max(k_aux, k) are both AuxK's picks and the dead candidates of the main top-k, so the
+    main top-k runs over the live columns' top-k and those: the same picks as one top-k over every column,
+    with no top-k over the dead columns for the main code. The combined code [idx | aux_idx] is sorted once
+    (`TransposedCode`, lazily) for the encoder's gradient and, through `_PairBag`, the decoder's.
+
+    b_dec is subtracted here rather than by the caller so that its gradient is -(grad b_enc) @ W_enc, an
+    [n] x [n, d] product, instead of the sum over the batch of grad x = g @ W_enc[picks], which is only
+    formed when x itself requires a gradient (the SAE's inputs are data)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, k: int, dead_ids, k_aux: int):
-        pre = F.linear(x, weight, bias)                   # [batch, n_latents], the step's one dense matmul
-        val, idx = pre.topk(k, dim=-1, sorted=False)      # [batch, k]
-        val = val.clamp_min(0)
-        if dead_ids is not None:                          # AuxK: the top k_aux dead latents of the same pre
-            aval, j = pre.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)   # [batch, k_aux]
-            aval, aidx = aval.clamp_min(0), dead_ids[j]
-        else:
+    def forward(ctx, x, b_dec, weight, bias, k: int, dead_ids, k_aux: int, live_ids=None, code_box=None):
+        x = x - b_dec                                     # [batch, d]
+        if dead_ids is None:
+            pre = F.linear(x, weight, bias)               # [batch, n_latents], the step's one dense matmul
+            val, idx = pre.topk(k, dim=-1, sorted=False)  # [batch, k]
             aval, aidx = val.new_zeros(x.shape[0], 0), idx.new_zeros(x.shape[0], 0)
-        ctx.save_for_backward(x, weight, torch.cat([idx, aidx], 1), torch.cat([val, aval], 1))
+        else:
+            aval, aidx, val, idx = _split_topk(x, weight, bias, k, dead_ids, k_aux, live_ids)
+        val, aval = val.clamp_min(0), aval.clamp_min(0)
+        comb = torch.cat([idx, aidx], 1)                  # [batch, k + k_aux]
+        ctx.code = TransposedCode(comb, torch.cat([val, aval], 1), weight.shape[0])
+        if code_box is not None:
+            code_box.append(ctx.code)                     # for the decoder's backward (_PairBag)
+        ctx.save_for_backward(x, weight, comb, ctx.code.val)
         ctx.mark_non_differentiable(idx, aidx)
         return val, idx, aval, aidx
 
@@ -129,15 +108,44 @@ class _TopKEncode(torch.autograd.Function):
         # unused outputs arrive as zeros (autograd materialises them), so both parts are always there
         g = torch.cat([grad_val, grad_aval], 1) * (val > 0)   # ReLU derivative: zero-valued picks get no gradient
         g = g.to(weight.dtype)
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_bdec = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(idx, weight, per_sample_weights=g, mode="sum")
-        if ctx.needs_input_grad[1]:
-            grad_w = TransposedCode(idx, g, weight.shape[0]).csr() @ x
         if ctx.needs_input_grad[2]:
+            grad_w = ctx.code.csr_with(g) @ x             # the code's sort, shared with the decoder's backward
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             grad_b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-            grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1))
-        return grad_x, grad_w, grad_b, None, None, None
+            grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1))                 # [n_latents]
+            if ctx.needs_input_grad[1]:
+                grad_bdec = -(grad_b @ weight)                                   # [d]
+        return (grad_x, grad_bdec, grad_w, grad_b if ctx.needs_input_grad[3] else None,
+                None, None, None, None, None)
+
+
+def _split_topk(x, weight, bias, k: int, dead_ids, k_aux: int, live_ids):
+    """(AuxK's pre-ReLU picks and ids [batch, k_aux], the main top-k's [batch, k]) from the dead and live
+    column blocks of the encoder product (see _TopKEncode)."""
+    n_dead = dead_ids.numel()
+    # the bias as one more input column: the rows are gathered anyway, and addmm's bias would first be
+    # broadcast-copied into the whole [batch, n] output
+    wb = torch.cat([weight, bias[:, None]], 1)                                 # [n_latents, d + 1]
+    x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)                           # [batch, d + 1]
+    pre_d = x @ wb[dead_ids].T                                                 # [batch, n_dead]
+    kd = max(k_aux, min(k, n_dead))
+    dval, dj = pre_d.topk(kd, dim=-1, sorted=False)                            # [batch, kd]
+    del pre_d
+    if kd > k_aux:                                                             # k > k_aux: AuxK's are the best
+        aval, a = dval.topk(k_aux, dim=-1, sorted=False)
+        aj = dj.gather(1, a)
+    else:
+        aval, aj = dval, dj
+    cval, cidx = dval, dead_ids[dj]
+    if live_ids.numel():
+        pre_l = x @ wb[live_ids].T                                             # [batch, n_live]
+        lval, lj = pre_l.topk(min(k, live_ids.numel()), dim=-1, sorted=False)
+        cval, cidx = torch.cat([lval, cval], 1), torch.cat([live_ids[lj], cidx], 1)
+    val, c = cval.topk(k, dim=-1, sorted=False)                                # [batch, k]
+    return aval, dead_ids[aj], val, cidx.gather(1, c)
 
 
 class SharedCodePaths:
@@ -176,21 +184,29 @@ class TopKSAE(nn.Module):
     # ------------------------------------------------------------------ fast (sparse) path
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [batch, d] (normalised) -> (idx [batch, k] long, val [batch, k] >= 0)."""
-        val, idx, _, _ = _TopKEncode.apply(x - self.b_dec, self.W_enc, self.b_enc, self.cfg.k, None, 0)
+        val, idx, _, _ = _TopKEncode.apply(x, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, None, 0)
         return idx, val
 
     def encode_with_aux(self, x: torch.Tensor):
         """Training encode: (idx, val, aux) where aux = (aux_idx [batch, k_aux], aux_val) holds AuxK's
-        top-k_aux dead latents from the same encoder matmul, or None when no latent is dead (or AuxK is off).
+        top-k_aux dead latents from the same encoder product, or None when no latent is dead (or AuxK is off).
         k_aux = min(d/2, n_dead): the reference picks its top k_aux of the pre-activations with the live ones
         zeroed, so past n_dead it picks zeros, which ReLU leaves without value or gradient."""
-        dead_ids = (self.since_fired >= self.cfg.dead_tokens).nonzero().squeeze(1)   # [n_dead]
+        idx, val, aux, _ = self._encode_aux(x)
+        return idx, val, aux
+
+    def _encode_aux(self, x: torch.Tensor):
+        """encode_with_aux, plus the combined code's TransposedCode (for `_PairBag`), or None without AuxK."""
+        dead = self.since_fired >= self.cfg.dead_tokens
+        dead_ids = dead.nonzero().squeeze(1)                                        # [n_dead]
         n_dead = dead_ids.numel()
         if n_dead == 0 or self.cfg.auxk_alpha == 0:
-            return (*self.encode(x), None)
+            return (*self.encode(x), None, None)
         k_aux = min(self.cfg.d // 2, n_dead)
-        val, idx, aval, aidx = _TopKEncode.apply(x - self.b_dec, self.W_enc, self.b_enc, self.cfg.k, dead_ids, k_aux)
-        return idx, val, (aidx, aval)
+        box: list = []
+        val, idx, aval, aidx = _TopKEncode.apply(x, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, dead_ids, k_aux,
+                                                 (~dead).nonzero().squeeze(1), box)
+        return idx, val, (aidx, aval), box[0]
 
     def decode(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
         return F.embedding_bag(idx, self.W_dec, per_sample_weights=val, mode="sum") + self.b_dec  # [batch, d]
@@ -208,24 +224,35 @@ class TopKSAE(nn.Module):
         return f @ self.W_dec + self.b_dec, f
 
     # ------------------------------------------------------------------ training pieces
-    def auxk_loss(self, aux, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    def auxk_loss(self, aux, x: torch.Tensor, x_hat: torch.Tensor, aux_hat: torch.Tensor | None = None) -> torch.Tensor:
         """OpenAI's AuxK (train.py): normalized_mse(decode_sparse(auxk_inds, auxk_vals),
         x - recons.detach() + pre_bias.detach()), normalized_mse(r, t) = ||r - t||^2 / ||t - mean(t)||^2.
-        The denominator is the variance of the residual e = x - x_hat (of the global batch under torchrun)."""
+        The denominator is the variance of the residual e = x - x_hat (of the global batch under torchrun).
+        aux_hat: decode(*aux) when the caller has it already."""
         if aux is None:
             return x.new_zeros(())
         e = (x - x_hat).detach()                                  # [batch, d]
         target = e + self.b_dec.detach()      # decode adds b_dec: the value cancels, b_dec still gets a gradient
-        return (self.decode(*aux) - target).pow(2).sum() / dist.total_variance(e).clamp_min(1e-12)
+        aux_hat = self.decode(*aux) if aux_hat is None else aux_hat
+        return (aux_hat - target).pow(2).sum() / dist.total_variance(e).clamp_min(1e-12)
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        idx, val, aux = self.encode_with_aux(x)
-        x_hat = self.decode(idx, val)
+        idx, val, aux, code = self._encode_aux(x)
+        if aux is None:
+            x_hat, aux_hat = self.decode(idx, val), None
+        else:                 # both decodes in one op: one CSR product, on the encoder's sort, for W_dec's gradient
+            x_hat, aux_hat = _PairBag.apply(idx, val, aux[0], aux[1], self.W_dec, code)
+            x_hat, aux_hat = x_hat + self.b_dec, aux_hat + self.b_dec
         total_var = dist.total_variance(x).clamp_min(1e-12)     # of the global batch under torchrun
         fvu = (x - x_hat).pow(2).sum() / total_var
-        auxk = self.auxk_loss(aux, x, x_hat)
+        auxk = self.auxk_loss(aux, x, x_hat, aux_hat)
         self.track_firing(idx, val, x.shape[0])
         return dist.scaled_loss(fvu + self.cfg.auxk_alpha * auxk, {"fvu": fvu.detach(), "auxk": auxk.detach()})
+
+    def train(self, mode: bool = True) -> "TopKSAE":
+        if not mode:                                    # W_dec's reused gradient buffer lives while training
+            _TABLE_BUFFERS.pop(self.W_dec, None)
+        return super().train(mode)
 
     @torch.no_grad()
     def track_firing(self, idx: torch.Tensor, val: torch.Tensor, n_tokens: int) -> None:

@@ -372,7 +372,8 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
     if res.best_state is not None:
         model.load_state_dict(res.best_state)
         res.best_state = None       # now the model's own weights: a second copy of a model is GBs at the preset
-    model.eval()
+    model.zero_grad(set_to_none=True)   # the last step's gradients: another model-sized buffer (part5's baseline
+    model.eval()                        # trains while the joint model is held)
     return res
 
 

@@ -76,3 +76,19 @@ def test_paper_rehearsal_runs_every_stage_with_the_paper_preset_at_tiny_size(tmp
     assert cfg["num_hidden_layers"] == 4 and cfg["vocab_size"] == 2048
     expl = json.loads((tmp_path / "tiny" / "interpret" / "explanations.json").read_text())
     assert {e["explanation"] for e in expl.values()} == {"Fires on a rehearsal token."}
+
+
+def test_gpu_check_refuses_a_machine_without_cuda_in_one_line():
+    """bench/gpu_check.sh on a CPU-only python: exit code 2, one line naming the problem, and RESULTS.md untouched
+    (no GPU time is spent on a machine that cannot run it)."""
+    import os
+    import subprocess
+    import sys
+    results = ROOT / "bench" / "RESULTS.md"
+    before = results.read_bytes()
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sees no CUDA GPU" in lines[0]
+    assert results.read_bytes() == before

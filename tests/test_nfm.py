@@ -183,8 +183,8 @@ def test_sparse_evaluation_builds_no_table_buffers():
 def test_grad_buffer_reuse_can_be_switched_off(monkeypatch):
     """Under DDP the in-place gradient write must be off: then every step gets a fresh gradient tensor,
     still equal to the dense reference's."""
-    import common.nfm as nfm_mod
-    monkeypatch.setattr(nfm_mod, "REUSE_GRAD_BUFFERS", False)
+    import common.sparse as sparse_mod
+    monkeypatch.setattr(sparse_mod, "REUSE_GRAD_BUFFERS", False)
     nfm, idx, val, _ = _setup()
     target = torch.randn(idx.shape[0], 12, dtype=torch.float64)
     seen = []

@@ -124,6 +124,51 @@ def test_auxk_is_openais_recipe_against_a_dense_reference(dead):
     assert sae.b_dec.grad.abs().sum() > 0       # b_dec cancels in the value, not in the gradient
 
 
+@pytest.mark.parametrize("k, dead", [(6, torch.arange(48, 96)), (6, torch.tensor([3, 17, 40, 41, 90])),
+                                     (16, torch.arange(10, 96)), (6, torch.arange(96))],
+                         ids=["48 dead", "5 dead", "k 16 > k_aux 12", "all dead"])
+def test_training_loss_fused_decode_equals_the_plain_pieces(k, dead):
+    """TopKSAE.loss with AuxK on: the main top-k from the live block and the dead block's best, both decodes in
+    one op (_PairBag) whose W_dec gradient is one CSR product on the encoder's sort. Against a full top-k over
+    every column and two embedding_bag decodes: same loss, same gradients (float64)."""
+    import torch.nn.functional as F
+    sae = _sae(k=k, dead_tokens=10)
+    with torch.no_grad():
+        sae.since_fired.fill_(0)
+        sae.since_fired[dead] = 100
+    x = torch.randn(40, 24, dtype=torch.float64) * 2 + 1
+    idx, val, (aidx, aval), code = sae._encode_aux(x)
+    pre = (x - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    v0, i0 = pre.topk(k, dim=-1)                                                   # one top-k over every column
+    assert torch.equal(idx.sort(1).values, i0.sort(1).values)
+    assert torch.equal(val.sort(1).values, v0.clamp_min(0).sort(1).values)
+    dmask = torch.zeros(96, dtype=torch.bool)
+    dmask[dead] = True
+    va, ia = pre.masked_fill(~dmask, -torch.inf).topk(min(12, len(dead)), dim=-1)   # AuxK's picks
+    assert torch.equal(aidx.sort(1).values, ia.sort(1).values)
+    loss, logs = sae.loss(x)
+    assert logs["auxk"] > 0
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        sae.since_fired.fill_(0)
+        sae.since_fired[dead] = 100                                                # loss() updated the counters
+    # the plain pieces: a dense top-k through autograd, two embedding_bags, the same loss formula
+    f = torch.zeros_like(pre).scatter(1, i0, v0.clamp_min(0))
+    fa = torch.zeros_like(pre).scatter(1, ia, va.clamp_min(0))
+    x_hat = F.embedding_bag(i0, sae.W_dec, per_sample_weights=f.gather(1, i0), mode="sum") + sae.b_dec
+    a_hat = F.embedding_bag(ia, sae.W_dec, per_sample_weights=fa.gather(1, ia), mode="sum") + sae.b_dec
+    e = (x - x_hat).detach()
+    fvu = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    auxk = (a_hat - e - sae.b_dec.detach()).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    ref = fvu + sae.cfg.auxk_alpha * auxk
+    assert torch.allclose(loss, ref, rtol=1e-12)
+    ref.backward()
+    for n, p in sae.named_parameters():
+        assert torch.allclose(fused[n], p.grad, atol=1e-12), n
+
+
 def test_auxk_is_zero_until_latents_die():
     sae = _sae(dead_tokens=10)
     x = torch.randn(32, 24, dtype=torch.float64)
