@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .cli import STATE_DIR, Interrupted, UserError, run_args
+from .sparse import release_table_buffers
 from .rows import epoch_order
 
 
@@ -373,7 +374,8 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
         model.load_state_dict(res.best_state)
         res.best_state = None       # now the model's own weights: a second copy of a model is GBs at the preset
     model.zero_grad(set_to_none=True)   # the last step's gradients: another model-sized buffer (part5's baseline
-    model.eval()                        # trains while the joint model is held)
+    release_table_buffers(model)        # trains while the joint model is held), and the sparse tables' reused
+    model.eval()                        # gradient buffers (part6's KL adapter kept 640 MB of them)
     return res
 
 

@@ -197,3 +197,24 @@ def test_grad_buffer_reuse_can_be_switched_off(monkeypatch):
     nfm.zero_grad(set_to_none=True)
     ((nfm.forward_dense(_dense_code(idx, val, nfm.cfg.n_features)) - target) ** 2).sum().backward()
     assert torch.allclose(got, nfm.W_lin.grad, atol=1e-10)
+
+
+def test_fit_releases_the_reused_gradient_buffers_of_any_model():
+    """common.train.fit drops the sparse tables' reused gradient buffers when training ends, for every model (the
+    KL adapter has no train(False) of its own that would: at the paper's shapes its buffer is 640 MB)."""
+    from common.kl_adapter import LinearAdapter
+    from common.sparse import _TABLE_BUFFERS
+    from common.train import fit
+    torch.manual_seed(0)
+    ad = LinearAdapter(40, 6)
+    idx, val = torch.randint(0, 40, (64, 4)), torch.rand(64, 4)
+    x, y = torch.randn(64, 6), torch.randn(64, 6)
+
+    def step_loss(rows):
+        loss = (ad(x[rows], idx[rows], val[rows]) - y[rows]).pow(2).mean()
+        return loss, {}
+    seen = []
+    fit(ad, 64, 16, 3, 1e-2, step_loss, lambda: {"val_loss": 0.0}, 3, 0, "t",
+        after_step=lambda: seen.append(ad.B in _TABLE_BUFFERS))
+    assert any(seen)                                   # the buffer was in use while training
+    assert ad.B not in _TABLE_BUFFERS and ad.B.grad is None
