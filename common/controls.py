@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .nfm import _WeightedBag
 from .rows import as_rows
-from .sae import TransposedCode
+from .sparse import TransposedCode, _WeightedBag
 from .stats import ratio_of_sums_ci
 from .train import batched, fit, module_device
 

@@ -20,7 +20,8 @@ from torch import nn
 from . import dist
 from .errors import UserError
 from .nfm import NFM, NFMConfig, require_path_means
-from .sae import SAEConfig, SharedCodePaths, TopKSAE, TransposedCode
+from .sae import SAEConfig, SharedCodePaths, TopKSAE
+from .sparse import TransposedCode
 
 # the additive paths and the variants reported for them
 VARIANTS = {"sae": ("sae",), "sae+linear": ("sae", "linear"), "sae+interaction": ("sae", "interaction"),

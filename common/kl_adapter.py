@@ -24,8 +24,7 @@ from torch import nn
 
 from .data import batch_sequences, iter_documents, iter_heldout_half_sequences, iter_sequences, keep_mask
 from .hooks import splice
-from .nfm import _WeightedBag
-from .sae import TransposedCode
+from .sparse import TransposedCode, _WeightedBag
 from .train import fit
 
 

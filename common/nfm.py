@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .sparse import (_TABLE_BUFFERS, TransposedCode, _bag_dots, _reused, _return_grad,  # noqa: F401
-                     _table_grad_out, _WeightedBag)
+from .sparse import (TransposedCode, _bag_dots, _reused, _return_grad, _table_grad_out, _WeightedBag,
+                     release_table_buffers)
 from .train import batched, module_device
 
 PATHS = ("linear", "interaction")
@@ -145,8 +145,7 @@ class NFM(nn.Module):
     def train(self, mode: bool = True) -> "NFM":
         # the reused table buffers (W_lin's gradient is 640 MB at paper scale) only live while training
         if not mode:
-            for p in (self.W_lin, self.V):
-                _TABLE_BUFFERS.pop(p, None)
+            release_table_buffers(self)
         return super().train(mode)
 
     # ------------------------------------------------------------------ dense reference

@@ -57,8 +57,8 @@ from torch import nn
 
 from . import dist
 from .errors import UserError
-from .nfm import _WeightedBag
-from .sae import SAEConfig, SharedCodePaths, TopKSAE, TransposedCode
+from .sae import SAEConfig, SharedCodePaths, TopKSAE
+from .sparse import TransposedCode, _WeightedBag
 from .train import batched, module_device
 
 PATHS = ("interaction",)

@@ -46,7 +46,7 @@ from torch import nn
 
 from . import dist
 from .errors import UserError
-from .sparse import _TABLE_BUFFERS, TransposedCode, _PairBag  # TransposedCode: callers import it from here
+from .sparse import TransposedCode, _PairBag
 from .train import module_device
 
 
@@ -248,11 +248,6 @@ class TopKSAE(nn.Module):
         auxk = self.auxk_loss(aux, x, x_hat, aux_hat)
         self.track_firing(idx, val, x.shape[0])
         return dist.scaled_loss(fvu + self.cfg.auxk_alpha * auxk, {"fvu": fvu.detach(), "auxk": auxk.detach()})
-
-    def train(self, mode: bool = True) -> "TopKSAE":
-        if not mode:                                    # W_dec's reused gradient buffer lives while training
-            _TABLE_BUFFERS.pop(self.W_dec, None)
-        return super().train(mode)
 
     @torch.no_grad()
     def track_firing(self, idx: torch.Tensor, val: torch.Tensor, n_tokens: int) -> None:

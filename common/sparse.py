@@ -45,10 +45,7 @@ class TransposedCode:
             self._build()
         if self._vals is None:
             self._vals = self.val.reshape(-1)[self._order]              # the nonzeros' values, by feature
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            return torch.sparse_csr_tensor(self._crow, self._rows, self._vals if power == 1 else self._vals ** power,
-                                           (self.n_features, self.idx.shape[0]), check_invariants=False)
+        return self._csr(self._rows, self._vals if power == 1 else self._vals ** power, self.idx.shape[0])
 
     def csr_with(self, values: torch.Tensor, split: int | None = None) -> torch.Tensor:
         """The same nonzeros with other values [batch, k] (the sort reused): CSR [n_features, batch].
@@ -61,12 +58,12 @@ class TransposedCode:
         cols, width = self._rows, self.idx.shape[0]
         if split is not None:
             cols, width = 2 * cols + (self._order % self.idx.shape[1] >= split).to(cols.dtype), 2 * width
+        return self._csr(cols, values.reshape(-1)[self._order], width)
+
+    def _csr(self, cols: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            return torch.sparse_csr_tensor(self._crow, cols, values.reshape(-1)[self._order],
-                                           (self.n_features, width), check_invariants=False)
-
-
+            return torch.sparse_csr_tensor(self._crow, cols, values, (self.n_features, width), check_invariants=False)
 
 
 def _bag_dots(grad: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -85,7 +82,8 @@ def _bag_dots(grad: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> tor
 # Per-table work buffers ([n_features, width], one set per Parameter), kept while the NFM trains. A fresh
 # [n_features, width] tensor every step costs mostly page faults, not arithmetic: at the paper's
 # 50k x 3200 W_lin, writing the step's CSR product into a fresh 640 MB tensor took 200 ms, into a reused
-# one 50 ms (2-core CPU, torch 2.13). Released by NFM.train(False).
+# one 50 ms (2-core CPU, torch 2.13). Released when common.train.fit ends (release_table_buffers) and by
+# NFM.train(False).
 _TABLE_BUFFERS = WeakIdKeyDictionary()
 
 

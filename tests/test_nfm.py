@@ -98,8 +98,9 @@ def test_gradient_wrt_code_values_matches_dense():
 
 def test_custom_functions_pass_gradcheck():
     """Numerical vs analytic gradients of both custom functions, through autograd.grad (no .grad writes)."""
-    from common.nfm import _BiInteraction, _WeightedBag
-    from common.sae import TransposedCode
+    from common.nfm import _BiInteraction
+    from common.sparse import _WeightedBag
+    from common.sparse import TransposedCode
 
     nfm, idx, val, _ = _setup()
     v = val.clone().requires_grad_()
@@ -133,7 +134,7 @@ def test_table_gradients_reuse_one_buffer_across_steps():
         for n, p in nfm.named_parameters():
             assert torch.allclose(got[n], p.grad, atol=1e-10), (step, n)
     nfm.eval()                                                                     # releases the buffers
-    from common.nfm import _TABLE_BUFFERS
+    from common.sparse import _TABLE_BUFFERS
     assert nfm.W_lin not in _TABLE_BUFFERS and nfm.V not in _TABLE_BUFFERS
 
 
@@ -171,7 +172,8 @@ def test_table_gradients_accumulate_and_respect_hooks_and_autograd_grad():
 
 
 def test_sparse_evaluation_builds_no_table_buffers():
-    from common.nfm import _TABLE_BUFFERS, predict
+    from common.nfm import predict
+    from common.sparse import _TABLE_BUFFERS
 
     nfm, idx, val, f = _setup()
     nfm.eval()
