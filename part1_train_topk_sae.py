@@ -13,6 +13,8 @@ Your own activations (no model at all; one [n, d] tensor 'activations' in a safe
     python part1_train_topk_sae.py --activations acts.safetensors --out checkpoints/mine/part1_sae
 Several GPUs (DDP, common/dist.py; --batch-size is the global batch):
     torchrun --standalone --nproc_per_node=4 part1_train_topk_sae.py --preset paper --out checkpoints/paper/part1_sae
+The original study's recipe (common/recipe.py: z-score, no b_dec, free decoder norms, Adam 1e-4, LinearLR, batch 1024):
+    python part1_train_topk_sae.py --recipe reference --out checkpoints/reference/part1_sae
 Resume an interrupted run (same flags plus --resume; the state is saved every --checkpoint-every steps):
     python part1_train_topk_sae.py --preset paper --out checkpoints/paper/part1_sae --resume
 
@@ -23,11 +25,12 @@ from __future__ import annotations
 
 import time
 
-from common import checkpoint, cli, dist, plots
-from common.data import DataSpec, get_activations, heldout_documents, split_selection_test
+from common import checkpoint, cli, dist, plots, recipe
+from common.data import DataSpec, get_activations, heldout_documents
 from common.metrics import recon_stats
 from common.normalize import MODES, Normalizer
-from common.sae import DEFAULT_OPTIMIZER, OPTIMIZERS, SAEConfig, TopKSAE, default_dead_tokens, default_lr, train_sae
+from common.sae import (DEFAULT_OPTIMIZER, OPTIMIZERS, SAEConfig, TopKSAE, default_dead_tokens, default_lr,
+                        recipe_options, train_sae)
 from common.train import TrainCheckpoints
 
 
@@ -47,9 +50,11 @@ def build_parser():
                         "(default: min(10M, a tenth of all training tokens seen))")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
                    help="signsgd-sf: schedule-free SignSGD, sparsify's default (common/optim.py); adam: Adam with "
-                        "warm-up and linear decay (default: %(default)s)")
+                        "warm-up and linear decay; adam-reference: the original study's Adam (eps 1e-5, clip 1.0, "
+                        "LinearLR 1.0 -> 0.1 over 80%% of the steps; --recipe reference) (default: %(default)s)")
     cli.add_training_args(p, None, "5e-3 / sqrt(n_latents / 2^14) for signsgd-sf, 2e-4 / sqrt(n_latents / 2^14) "
                                    "for adam: the sparsify / dictionary_learning scalings")
+    cli.add_recipe_args(p)
     cli.add_resume_args(p)
     return p
 
@@ -67,16 +72,17 @@ def main(argv=None):
     d = acts.train.d
     norm = Normalizer.fit(acts.train, args.normalize)
     x_train = acts.train.map(norm.encode)               # [n_train, d], read and normalised per batch (common/rows.py)
-    (x_sel,), (x_test,) = split_selection_test(norm.encode(acts.val), acts.val_docs)   # held-out halves
+    x_sel, x_test = acts.normalized_halves(norm.encode)   # held-out halves, normalised
 
     steps = cli.total_steps(args, x_train.n)
     dead_tokens = args.dead_tokens or default_dead_tokens(steps, args.batch_size)
-    cfg = SAEConfig(d=d, n_latents=args.n_latents, k=args.k, auxk_alpha=args.auxk_alpha, dead_tokens=dead_tokens)
+    cfg = SAEConfig(d=d, n_latents=args.n_latents, k=args.k, auxk_alpha=args.auxk_alpha, dead_tokens=dead_tokens,
+                    **recipe_options(args.recipe))
     sae = TopKSAE(cfg).to(cli.env_device(args.device))
     init_sq_norm = sae.W_dec.detach().pow(2).sum(1).cpu()   # kept so part7 can tell trained norms from init values
     lr = args.lr or default_lr(args.n_latents, args.optimizer)
     print(f"TopK SAE d={d} n_latents={cfg.n_latents} k={cfg.k}: {steps} steps of {args.batch_size} tokens "
-          f"({x_train.n} training tokens), {args.optimizer} lr {lr:.2e}")
+          f"({x_train.n} training tokens), {args.optimizer} lr {lr:.2e}, recipe {args.recipe}")
     fitres = train_sae(sae, x_train, x_sel, steps, args.batch_size, lr,
                        cli.eval_every(args, steps), args.seed, "train SAE", optimizer=args.optimizer, ckpt=ckpt)
     if not dist.is_main():
@@ -98,12 +104,14 @@ def main(argv=None):
                       float((sae.since_fired >= dead_tokens).float().mean()), "seconds": time.time() - t0,
                   **cli.resume_record(args)},
         "data": acts.description,
+        "recipe": recipe.describe(args.recipe),
         "held_out_documents": heldout_documents(acts.val_docs),
         "history": fitres.history,
     }
     checkpoint.save(out, "sae", {**sae.tensors(), **norm.tensors(), "init.sq_norm": init_sq_norm}, {
         "hparams": sae.hparams(), "normalize": args.normalize, "data": acts.description,
         "train": {k: v for k, v in metrics["train"].items() if k != "seconds"}, "seed": args.seed, "parents": {},
+        "recipe": recipe.describe(args.recipe),
     })
     cli.write_json(out / "metrics.json", metrics)
     pngs = [plots.training_curves(fitres.history, ["fvu"], out / "training_curves.png",

@@ -20,6 +20,9 @@ Demo (after part1):
     python part2_train_residual_nfm.py
 Paper setup (NFM dimension 300 on the 50k-latent, K=1024 SAE; 5M tokens):
     python part2_train_residual_nfm.py --preset paper --sae checkpoints/paper/part1_sae --out checkpoints/paper/part2_nfm
+The original study's recipe (common/recipe.py: its NFM inits, Adam 1e-4 eps 1e-5, clip 1.0, LinearLR, batch 130),
+on a part1 --recipe reference SAE:
+    python part2_train_residual_nfm.py --recipe reference --sae checkpoints/reference/part1_sae --out checkpoints/reference/part2_nfm
 Your own activations (no model; must be the same layer/width the SAE was trained on):
     python part2_train_residual_nfm.py --sae checkpoints/mine/part1_sae --activations acts.safetensors --out checkpoints/mine/part2_nfm
 Several GPUs (DDP; --batch-size is the global batch):
@@ -35,7 +38,7 @@ import time
 
 import torch
 
-from common import checkpoint, cli, controls, dist, plots
+from common import checkpoint, cli, controls, dist, plots, recipe
 from common.data import DataSpec, get_activations, split_selection_test
 from common.metrics import recon_stats, residual_reduction
 from common.nfm import PATHS, NFM, NFMConfig, combine_paths, predict, train_nfm
@@ -62,6 +65,7 @@ def build_parser():
                         "mlp_on_code, mlp_from_x, residual_sae (default: all; see common/controls.py)")
     b.add_argument("--baseline-k", type=int, default=None, help="TopK of the residual SAE (default: the SAE's k)")
     b.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples over documents (default: 1000)")
+    cli.add_recipe_args(p)
     cli.add_resume_args(p)
     return p
 
@@ -77,6 +81,8 @@ def main(argv=None):
     timing = {}
 
     sae, norm, sae_cfg = load_sae_checkpoint(args.sae)
+    recipe.check_parent(args.recipe, sae_cfg, "--sae", args.allow_recipe_mix)
+    optimizer = "adam-reference" if args.recipe == "reference" else "adam"     # the NFM's and its controls'
     d = sae.cfg.d
     acts = dist.main_first(lambda: get_activations(args, DataSpec.from_description(sae_cfg["data"]),
                                                    parent=sae_cfg["data"], width=d))
@@ -98,13 +104,14 @@ def main(argv=None):
     sel, test = codes_and_residuals(sae, x_sel), codes_and_residuals(sae, x_test)   # (idx, val, r) the NFM reads
 
     cfg = NFMConfig(n_features=sae.cfg.n_latents, d=d, dim=args.nfm_dim, hidden=args.nfm_hidden or args.nfm_dim,
-                    dropout=args.dropout)
+                    dropout=args.dropout, init="reference" if args.recipe == "reference" else "default")
     nfm = NFM(cfg).to(device)
     steps = cli.total_steps(args, train.n)
     print(f"NFM on the residual of {args.sae}: dim={cfg.dim} hidden={cfg.hidden}, {nfm.param_counts()['total']:,} "
-          f"parameters, {steps} steps of {args.batch_size} tokens")
+          f"parameters, {steps} steps of {args.batch_size} tokens, recipe {args.recipe}")
     t_nfm = time.time()
-    fitres = train_nfm(nfm, train, sel, steps, args.batch_size, args.lr, cli.eval_every(args, steps), args.seed, ckpt=ckpt)
+    fitres = train_nfm(nfm, train, sel, steps, args.batch_size, args.lr, cli.eval_every(args, steps), args.seed, ckpt=ckpt,
+                       optimizer=optimizer)
     timing["nfm_train_seconds"] = time.time() - t_nfm
 
     r_test = test[2]
@@ -139,16 +146,17 @@ def main(argv=None):
                          "interaction_path_gain: reduction(both) - reduction(linear_only[mean_ablation]).",
         "params": nfm.param_counts(),
         "train": {"steps": steps, "best_step": fitres.best_step, "lr": args.lr, "batch_size": args.batch_size,
-                  "train_tokens": int(train.n), "path_mean_tokens": int(nfm.mean_tokens),
+                  "optimizer": optimizer, "train_tokens": int(train.n), "path_mean_tokens": int(nfm.mean_tokens),
                   **cli.resume_record(args)},
         "data": acts.description,
+        "recipe": recipe.describe(args.recipe),
         "history": fitres.history,
     }
     sae_ref = checkpoint.parent_ref(sae_cfg)
     if dist.is_main():
         checkpoint.save(out, "nfm", nfm.state_dict(), {
             "hparams": nfm.hparams(), "data": acts.description, "train": metrics["train"], "seed": args.seed,
-            "parents": {"sae": sae_ref}})
+            "parents": {"sae": sae_ref}, "recipe": recipe.describe(args.recipe)})
 
     # each model's test-half prediction [n, d] is kept only as its per-row squared error [n] (all the CIs need)
     preds = {k: controls.row_errors(r_test, p) for k, p in reduction.pop("headline_predictions").items()}
@@ -251,7 +259,7 @@ def train_control(name, args, nfm, sae, data, out, sae_ref, data_desc, ckpt) -> 
         sel_ins = controls.inputs(model, x_sel, data["idx"][0], data["val"][0])
         res = controls.train_regressor(model, ins, None, sel_ins, r_sel, steps, args.batch_size, args.lr,
                                        cli.eval_every(args, steps), args.seed, f"train {name} (control)", ckpt=ckpt,
-                                       tag=name)
+                                       tag=name, optimizer="adam-reference" if args.recipe == "reference" else "adam")
         record.update(hidden=hidden, steps=steps, best_step=res.best_step, lr=args.lr)
     pred = controls.predict(model, controls.inputs(model, x_te, data["idx"][1], data["val"][1]))
     record["params"] = controls.n_params(model)

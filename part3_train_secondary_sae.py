@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from common import checkpoint, cli, plots
+from common import checkpoint, cli, plots, recipe
 from common.data import DataSpec, get_activations, split_selection_test
 from common.metrics import recon_stats, residual_reduction
 from common.joint import load_joint_checkpoint
@@ -37,7 +37,7 @@ from common.nfm import NFM, hidden_all
 from common.normalize import MODES, Normalizer
 from common.loading import load_sae_checkpoint
 from common.sae import (DEFAULT_OPTIMIZER, OPTIMIZERS, SAEConfig, TopKSAE, batch_codes, codes_and_residuals,
-                        default_dead_tokens, default_lr, reconstruct_all, train_sae)
+                        default_dead_tokens, default_lr, recipe_options, reconstruct_all, train_sae)
 from common.train import TrainCheckpoints, batched, module_device
 
 
@@ -60,6 +60,7 @@ def build_parser():
                    help="the SAE optimizer, as in part1 (default: %(default)s)")
     cli.add_training_args(p, None, "5e-3 / sqrt(n_latents / 2^14) for signsgd-sf, 2e-4 / sqrt(n_latents / 2^14) for adam")
     cli.add_precompute_arg(p)
+    cli.add_recipe_args(p)
     cli.add_resume_args(p)
     return p
 
@@ -97,6 +98,8 @@ def main(argv=None):
         nfm, nfm_cfg, sae, norm, sae_cfg = load_nfm_and_sae(args.nfm or "checkpoints/part2_nfm", args.sae)
         data_desc = sae_cfg["data"]
         parents = {"nfm": checkpoint.parent_ref(nfm_cfg), "sae": checkpoint.parent_ref(sae_cfg)}
+    recipe.check_parent(args.recipe, joint_cfg if args.joint else nfm_cfg, "--joint" if args.joint else "--nfm",
+                        args.allow_recipe_mix)
     device = cli.env_device(args.device)
     nfm.to(device)
     sae.to(device)
@@ -117,10 +120,11 @@ def main(argv=None):
             f"{hidden})" if poly else f"NFM hidden layer (post-MLP1, pre-ReLU, width {hidden})")
     steps = cli.total_steps(args, u_train.n)
     cfg = SAEConfig(d=hidden, n_latents=args.n_latents or args.expansion * hidden, k=args.k,
-                    dead_tokens=default_dead_tokens(steps, args.batch_size))
+                    dead_tokens=default_dead_tokens(steps, args.batch_size), **recipe_options(args.recipe),
+                    **({"auxk_alpha": 0.0} if args.recipe == "reference" else {}))    # the reference: no AuxK
     sec = TopKSAE(cfg).to(device)
     lr = args.lr or default_lr(cfg.n_latents, args.optimizer)
-    print(f"secondary TopK SAE on the {what}: n_latents={cfg.n_latents} k={cfg.k}, {steps} steps")
+    print(f"secondary TopK SAE on the {what}: n_latents={cfg.n_latents} k={cfg.k}, {steps} steps, recipe {args.recipe}")
     fitres = train_sae(sec, u_train.map(unorm.encode), u_sel, steps, args.batch_size, lr,
                        cli.eval_every(args, steps), args.seed, "train secondary SAE", optimizer=args.optimizer,
                        ckpt=ckpt)
@@ -150,12 +154,13 @@ def main(argv=None):
         "train": {"steps": steps, "best_step": fitres.best_step, "optimizer": args.optimizer, "lr": lr, "batch_size": args.batch_size,
                   "train_tokens": int(u_train.n), "seconds": time.time() - t0, **cli.resume_record(args)},
         "history": fitres.history,
+        "recipe": recipe.describe(args.recipe),
     }
     checkpoint.save(out, "secondary_sae", {**sec.tensors(), **unorm.tensors()}, {
         "hparams": sec.hparams(), "normalize": args.normalize,
         "input": "poly.hidden ([a^2, a^3])" if poly else "nfm.hidden (post-MLP1, pre-ReLU)",
         "data": acts.description, "seed": args.seed, "train": {k: v for k, v in metrics["train"].items() if k != "seconds"},
-        "parents": parents})
+        "parents": parents, "recipe": recipe.describe(args.recipe)})
     cli.write_json(out / "metrics.json", metrics)
     pngs = [plots.training_curves(fitres.history, ["fvu"], out / "training_curves.png",
                                   f"secondary SAE n={cfg.n_latents} k={cfg.k}", fitres.best_step),

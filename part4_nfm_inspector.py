@@ -25,7 +25,7 @@ import time
 import torch
 
 from common import checkpoint, cli, plots
-from common.data import DataSpec, get_activations, split_selection_test
+from common.data import DataSpec, get_activations
 from common.featurestats import coactivation, effective_rank, feature_contributions, gini, l0, top_overlap
 from common.groundtruth import typical_values
 from common.joint import load_joint_checkpoint
@@ -95,7 +95,7 @@ def main(argv=None):
         weights[name] = {"gini": g, "effective_rank": er, "l0": z, "length": w.shape[1]}
 
     acts = get_activations(args, DataSpec.from_description(data_desc), width=sae.cfg.d, parent=data_desc, need_train=False)
-    _, (x_test,) = split_selection_test(norm.encode(acts.val), acts.val_docs)
+    _, x_test = acts.normalized_halves(norm.encode)
     idx, val = encode_all(sae, x_test)
     shares = output_shares(nfm, idx, val)
     contrib = feature_contributions(nfm, idx, val, n, W_dec.to(device) if W_dec is not None else None)

@@ -39,15 +39,16 @@ from pathlib import Path
 
 import torch
 
-from common import checkpoint, cli, dist, plots
-from common.data import DataSpec, get_activations, split_selection_test
+from common import checkpoint, cli, dist, plots, recipe
+from common.data import DataSpec, get_activations
 from common.joint import VARIANTS, JointModel, path_outputs
 from common.metrics import ReconAccumulator, recon_stats
 from common.loading import load_sae_checkpoint
 from common.nfm import NFMConfig, combine_paths
 from common.poly import VARIANTS as POLY_VARIANTS, PolyConfig, PolyJointModel, joint_nfm_param_count, matched_ranks
 from common.normalize import MODES, Normalizer
-from common.sae import SAEConfig, TopKSAE, batch_codes, default_dead_tokens, default_lr, reconstruct_all, train_sae
+from common.sae import (SAEConfig, TopKSAE, batch_codes, default_dead_tokens, default_lr, reconstruct_all, recipe_options,
+                        train_sae)
 from common.train import TrainCheckpoints, fit
 
 
@@ -71,6 +72,7 @@ def build_parser():
     b.add_argument("--baseline-sae", default=None, metavar="DIR",
                    help="a trained standalone SAE to compare against instead of training the parameter-matched one")
     b.add_argument("--sae", default=None, metavar="DIR", help="also report this part1 SAE on the same held-out tokens")
+    cli.add_recipe_args(p)
     cli.add_resume_args(p)
     return p
 
@@ -93,6 +95,11 @@ def build_poly(sae_cfg: SAEConfig, nfm_cfg: NFMConfig):
                    "relative_difference_to_joint_nfm": total / target - 1}
 
 
+def optimizer_of(args) -> str:
+    """The joint model's and its baseline's optimizer: Adam, or under --recipe reference the reference's Adam."""
+    return "adam-reference" if args.recipe == "reference" else "adam"
+
+
 def fvu_raw(norm: Normalizer, x_norm, x_hat_norm) -> float:
     acc = ReconAccumulator(x_norm.shape[1])
     acc.add(norm.decode(x_norm), norm.decode(x_hat_norm))
@@ -104,10 +111,13 @@ def train_joint(args, out: Path, ckpt, x_train, x_sel, x_test, norm, device, ste
     marks the folder complete, is written at the end of main). Returns what main reports; the model itself is
     gone when this returns, so the parameter-matched baseline trains without it in memory (2 GB at the preset)."""
     d = x_sel.shape[1]
+    reference = args.recipe == "reference"
     sae_cfg = SAEConfig(d=d, n_latents=args.n_latents, k=args.k, auxk_alpha=args.auxk_alpha,
-                        dead_tokens=default_dead_tokens(steps, args.batch_size))
+                        dead_tokens=default_dead_tokens(steps, args.batch_size), **recipe_options(args.recipe))
+    # the reference: its NFM inits, and both NFM paths read the code's top TOP_N values (512 at K 1,024)
     nfm_cfg = NFMConfig(n_features=args.n_latents, d=d, dim=args.nfm_dim, hidden=args.nfm_hidden or args.nfm_dim,
-                        dropout=args.dropout)
+                        dropout=args.dropout, init="reference" if reference else "default",
+                        top_n=recipe.top_n(args.k) if reference else None)
     poly = args.decoder == "poly"
     if poly:
         model, poly_match = build_poly(sae_cfg, nfm_cfg)
@@ -115,7 +125,8 @@ def train_joint(args, out: Path, ckpt, x_train, x_sel, x_test, norm, device, ste
     else:
         model = JointModel(sae_cfg, nfm_cfg).to(device)
     params = model.param_counts()
-    lr = args.lr or default_lr(args.n_latents, "adam")
+    optimizer = optimizer_of(args)
+    lr = args.lr or default_lr(args.n_latents, optimizer)
     if poly:
         params = {**params, **poly_match}
         print(f"joint SAE+PolySAE d={d} n_latents={args.n_latents} k={args.k} ranks R2={poly_match['rank2']} "
@@ -124,7 +135,8 @@ def train_joint(args, out: Path, ckpt, x_train, x_sel, x_test, norm, device, ste
               f"{poly_match['joint_nfm_total']:,}), {steps} steps of {args.batch_size} tokens, lr {lr:.2e}")
     else:
         print(f"joint SAE+NFM d={d} n_latents={args.n_latents} k={args.k} nfm_dim={args.nfm_dim}: "
-              f"{params['total']:,} parameters, {steps} steps of {args.batch_size} tokens, lr {lr:.2e}")
+              f"{params['total']:,} parameters, {steps} steps of {args.batch_size} tokens, lr {lr:.2e}, recipe "
+              f"{args.recipe}" + (f" (NFM paths read the top {nfm_cfg.top_n} of the code)" if nfm_cfg.top_n else ""))
     model.sae.init_b_dec(x_train.gather(torch.arange(min(args.batch_size, x_train.n))).to(device).float())
     # squared norm of each feature's effective linear decoder W_dec[i] + W_lin[i] at init, kept for part7
     # (PolySAE: W_dec[i], its only linear decoder)
@@ -143,7 +155,7 @@ def train_joint(args, out: Path, ckpt, x_train, x_sel, x_test, norm, device, ste
                  args.seed, "train joint SAE+PolySAE" if poly else "train joint SAE+NFM",
                  before_step=model.sae.remove_parallel_grad,
                  after_step=model.after_step if poly else model.sae.renorm_decoder, ckpt=ckpt, tag="joint",
-                 shuffle=x_train.shuffle)
+                 shuffle=x_train.shuffle, optimizer=optimizer)
     x_train.release()
 
     # held-out report: every variant; a removed NFM path is mean-ablated (its training mean, saved with the
@@ -160,6 +172,7 @@ def train_joint(args, out: Path, ckpt, x_train, x_sel, x_test, norm, device, ste
     report = {"fvu": fvu, "l0": code_stats["l0"], "dead_fraction": code_stats["dead_fraction"],
               "n_tokens": int(x_test.shape[0])}
     train_record = {"steps": steps, "best_step": fitres.best_step, "lr": lr, "batch_size": args.batch_size,
+                    "optimizer": optimizer,
                     "train_tokens": int(x_train.n), **cli.resume_record(args)}
     hparams = model.hparams()
     # the joint model's weights now, its config.json (which marks the folder complete) at the end: the
@@ -184,8 +197,7 @@ def main(argv=None):
     d = acts.train.d
     norm = Normalizer.fit(acts.train, args.normalize)
     x_train = acts.train.map(norm.encode)               # [n_train, d], read and normalised per batch (common/rows.py)
-    (x_sel,), (x_test,) = split_selection_test(norm.encode(acts.val), acts.val_docs)
-    acts.val = None                                     # the raw held-out rows: only their normalised halves are read
+    x_sel, x_test = acts.normalized_halves(norm.encode)  # held-out halves, normalised (the raw rows released)
 
     steps = cli.total_steps(args, x_train.n)
     j = train_joint(args, out, ckpt, x_train, x_sel, x_test, norm, device, steps)
@@ -200,19 +212,21 @@ def main(argv=None):
     else:
         n_b = math.ceil((params["total"] - d) / (2 * d + 1))
         base = TopKSAE(SAEConfig(d=d, n_latents=n_b, k=args.k, auxk_alpha=args.auxk_alpha,
-                                 dead_tokens=default_dead_tokens(steps, args.batch_size))).to(device)
+                                 dead_tokens=default_dead_tokens(steps, args.batch_size),
+                                 **recipe_options(args.recipe))).to(device)
         base_norm = norm
         print(f"standalone TopK SAE with the joint model's parameter budget: n_latents={n_b}")
         base_init_sq = base.W_dec.detach().pow(2).sum(1).cpu()
         # the same optimizer (Adam) and schedule as the joint model, so the comparison is about the model
-        bres = train_sae(base, x_train, x_sel, steps, args.batch_size, args.lr or default_lr(n_b, "adam"),
-                         cli.eval_every(args, steps), args.seed, "train parameter-matched SAE", optimizer="adam",
-                         ckpt=ckpt, tag="baseline_sae")
+        bres = train_sae(base, x_train, x_sel, steps, args.batch_size, args.lr or default_lr(n_b, optimizer_of(args)),
+                         cli.eval_every(args, steps), args.seed, "train parameter-matched SAE",
+                         optimizer=optimizer_of(args), ckpt=ckpt, tag="baseline_sae")
         base_path = str(out / "baseline_sae")
         if dist.is_main():
             checkpoint.save(out / "baseline_sae", "sae", {**base.tensors(), **norm.tensors(), "init.sq_norm": base_init_sq}, {
                 "hparams": base.hparams(), "normalize": args.normalize, "data": acts.description, "seed": args.seed,
-                "parents": {}, "train": {"steps": steps, "best_step": bres.best_step, "role": "part5 parameter-matched baseline"}})
+                "parents": {}, "train": {"steps": steps, "best_step": bres.best_step, "role": "part5 parameter-matched baseline"},
+                "recipe": recipe.describe(args.recipe)})
     if not dist.is_main():
         return                  # under torchrun, rank 0 evaluates and writes the results
     x_test_raw = norm.decode(x_test)
@@ -236,9 +250,10 @@ def main(argv=None):
                               "it; relative FVU reduction = 1 - FVU(joint, all paths) / FVU(other); the 'own SAE "
                               "path' comparison (the reference's 41%) uses the mean-ablated SAE path",
                "train": {**j["train_record"], "seconds": time.time() - t0},
-               "data": acts.description, "history": fitres.history}
+               "data": acts.description, "history": fitres.history, "recipe": recipe.describe(args.recipe)}
     checkpoint.save_config(out, "joint", {"hparams": j["hparams"], "normalize": args.normalize, "data": acts.description,
-                                          "seed": args.seed, "parents": {}, "train": j["train_record"]}, j["digest"])
+                                          "seed": args.seed, "parents": {}, "train": j["train_record"],
+                                          "recipe": recipe.describe(args.recipe)}, j["digest"])
     cli.write_json(out / "metrics.json", metrics)
     if poly:
         labels = ["PolySAE: linear dictionary\n[mean_ablation]", "PolySAE: full", "standalone SAE\n(same params)"]

@@ -26,6 +26,11 @@ Per variant: KL(P_orig || P_spliced) per token, CE and delta-CE, CE-loss score a
 (CE_zero - CE_v) / (CE_zero - CE_orig), ratios of KL to both baselines. Confidence intervals by bootstrap
 over documents; paired comparisons (same tokens) by bootstrap and a paired t-test over documents.
 
+Memory: the models are spliced one family at a time (the SAE with its NFM and the KL adapter, then each control,
+the joint model, its parameter-matched SAE, the PolySAE), each loaded, run over every document and freed; only
+the primary SAE stays loaded. Each variant's baselines come from its own generator, seeded by --seed and the
+variant's name, so every figure is the same with or without the other families beside it.
+
 Demo (after part1, part2, part5):
     python part6_kl_divergence.py
 Paper setup:
@@ -38,6 +43,7 @@ from __future__ import annotations
 import csv
 import itertools
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -140,17 +146,18 @@ class Spliceable:
         return rec
 
 
-def covariance_factors(sp: Spliceable, x_train: torch.Tensor, mean_act: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Cholesky factors of each variant's error covariance on training tokens (ablations included). The errors
-    are never kept: per variant a float64 sum and cross-product [d, d] of the errors, shifted by the first
-    chunk's mean error so the subtraction below does not cancel (at the paper's 20,000 tokens x d 3,200 x ~24
-    variants the errors themselves would be 12 GB)."""
+def covariance_factors(sp: Spliceable, x_train: torch.Tensor, mean_act: torch.Tensor,
+                       skip: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+    """Cholesky factors of each variant's error covariance on training tokens (ablations included; names in skip,
+    done by an earlier model family, left out). The errors are never kept: per variant a float64 sum and
+    cross-product [d, d] of the errors, shifted by the first chunk's mean error so the subtraction below does not
+    cancel (at the paper's 20,000 tokens x d 3,200 x ~24 variants the errors themselves would be 12 GB)."""
     acc: dict[str, list] = {}                                           # name -> [shift, n, sum, cross-product]
     for s in range(0, x_train.shape[0], 4096):
         h = x_train[s:s + 4096]
         recs = {**sp.reconstructions(h), **ablations(h, mean_act)}
         for name, rec in recs.items():
-            if name.endswith("[zero_ablation]"):                        # second figures get no baselines
+            if name.endswith("[zero_ablation]") or name in skip:        # second figures get no baselines
                 continue
             e = (h - rec).double()                                      # [chunk, d]
             a = acc.setdefault(name, [e.mean(0), 0, 0.0, 0.0])
@@ -168,6 +175,9 @@ def covariance_factors(sp: Spliceable, x_train: torch.Tensor, mean_act: torch.Te
     return out
 
 
+WHOLE = ("zero_ablation", "mean_ablation")          # the whole activation replaced: reference points, reported last
+
+
 def ablations(h: torch.Tensor, mean_act: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"zero_ablation": torch.zeros_like(h), "mean_ablation": mean_act.expand_as(h)}
 
@@ -181,86 +191,130 @@ def random_error(h: torch.Tensor, rec: torch.Tensor, chol: torch.Tensor | None, 
     return h + (h - rec).norm(dim=-1, keepdim=True) * z
 
 
-def replacement_stream(h_keep: torch.Tensor, recs: dict, chol: dict, gen: torch.Generator):
+def baseline_generator(seed: int, name: str) -> torch.Generator:
+    """The generator of variant `name`'s two random baselines: its own stream, seeded from (seed, name), so a
+    variant's baselines are the same bytes whichever other models are spliced beside it and in whatever order."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def replacement_stream(h_keep: torch.Tensor, recs: dict, chol: dict, gens: dict):
     """(name, replacement of the kept positions) in report order: the original (None), identity, each variant,
-    then each variant's two random baselines, drawn only when their turn comes (at batch 32 and d 3,200 the ~50
-    baselines held at once were 2.6 GB); the generator is consumed in the same order as when all were drawn."""
+    then each variant's two random baselines (eps, then cov, from gens[variant]), drawn only when their turn comes
+    (at batch 32 and d 3,200 the ~50 baselines held at once were 2.6 GB)."""
     yield "original", None
     yield "identity", h_keep
     yield from recs.items()
     for name, rec in recs.items():
         if name.endswith("[zero_ablation]"):
             continue                                                            # a second figure: no baselines
-        yield f"eps_random[{name}]", random_error(h_keep, rec, None, gen)
-        yield f"cov_random[{name}]", random_error(h_keep, rec, chol[name], gen)
+        yield f"eps_random[{name}]", random_error(h_keep, rec, None, gens[name])
+        yield f"cov_random[{name}]", random_error(h_keep, rec, chol[name], gens[name])
 
 
-def main(argv=None):
-    args = cli.parse(build_parser(), argv, stage="part6")
-    cli.seed_everything(args.seed)
-    out = cli.prepare_out(args.out, args)
-    t0 = time.time()
-    sae, norm, sae_cfg = load_sae_checkpoint(args.sae)
-    spec = DataSpec.from_description(sae_cfg["data"])
-    if spec is None:
-        raise cli.UserError(f"--sae {args.sae} was trained on an activation file; part6 needs an SAE trained through "
-                            f"an LM (--model), to splice it back in")
-    nfm = None
-    if args.nfm and Path(args.nfm).exists():
-        nfm, nfm_cfg = load_nfm_checkpoint(args.nfm, sae_cfg)
-    joint = joint_norm = base = base_norm = None
-    if args.joint and Path(args.joint).exists():
-        joint, joint_norm, joint_cfg = load_joint_checkpoint(args.joint)
-        jspec = DataSpec.from_description(joint_cfg["data"])
-        if jspec is None or (jspec.model, jspec.layer) != (spec.model, spec.layer):
-            raise cli.UserError(f"--joint {args.joint} was not trained on {spec.model} layer {spec.layer} like --sae "
-                                f"{args.sae}; pass models of the same layer")
-        if (Path(args.joint) / "baseline_sae" / "config.json").exists():
-            base, base_norm, _ = load_sae_checkpoint(Path(args.joint) / "baseline_sae")
-    if sae_cfg["data"].get("model_fingerprint") not in (None, model_fingerprint(resolve_model_path(spec.model))):
-        raise cli.UserError(f"the model {spec.model} has changed on disk since --sae was trained; retrain from part1")
-    ctls = controls.load_controls(args.nfm, args.controls, sae_cfg) if nfm is not None else {}
-    sp = Spliceable(sae, norm, nfm, joint, joint_norm, base, base_norm, ctls)
-    if args.poly:
-        sp.poly, sp.poly_norm, poly_cfg = load_joint_checkpoint(args.poly, "--poly", allow_poly=True)
+def report_order(names) -> list[str]:
+    """original, identity, the variants in first-seen order with the whole-activation ablations last, then each
+    variant's baselines in the same order."""
+    names = list(dict.fromkeys(names))
+    base = [n for n in names if not n.startswith(("eps_random[", "cov_random["))]
+    base = [n for n in base if n not in WHOLE] + [n for n in WHOLE if n in base]
+    return base + [f"{k}[{v}]" for v in base for k in ("eps_random", "cov_random") if f"{k}[{v}]" in names]
+
+
+class Families:
+    """The compared models, one family at a time (each loaded, spliced over every document, then freed): at the
+    paper preset the SAE, NFM, four controls, the joint model, its 77.5k-latent baseline and a poly model held at
+    once were 10 GB of weights beside the LM. The primary SAE stays loaded throughout (every sequential variant
+    reads its code); every loader runs once up front as well, so a bad checkpoint fails before any LM pass."""
+
+    def __init__(self, args, sae_cfg: dict, spec: DataSpec):
+        self.args, self.sae_cfg, self.spec = args, sae_cfg, spec
+        self.has_nfm = bool(args.nfm) and Path(args.nfm).exists()
+        self.has_joint = bool(args.joint) and Path(args.joint).exists()
+        self.control_names = ([n for n in controls.parse_controls(args.controls) if (Path(args.nfm) / (
+            n if n == "residual_sae" else f"controls/{n}") / "config.json").is_file()] if self.has_nfm else [])
+        # the first family carries the SAE's own variants, the whole-activation ablations and the KL adapter
+        self.loaders = [("SAE and NFM", self.nfm) if self.has_nfm else ("SAE", dict)]
+        self.loaders += [(f"control {n}", lambda n=n: {"ctls": controls.load_controls(args.nfm, n, sae_cfg)})
+                         for n in self.control_names]
+        if self.has_joint:
+            self.loaders.append(("joint", self.joint))
+            if (Path(args.joint) / "baseline_sae" / "config.json").exists():
+                self.loaders.append(("standalone SAE", self.standalone))
+        if args.poly:
+            self.loaders.append(("poly", self.poly))
+        self.meta = {}                                          # e.g. each control's parameter count
+        for _, load in self.loaders:                            # validate every checkpoint now, then free it
+            models = load()
+            self.meta.update({f"params[{k}]": controls.n_params(m) for k, m in models.get("ctls", {}).items()})
+            if "nfm" in models:
+                self.meta["params[nfm]"] = models["nfm"].param_counts()["total"]
+
+    def nfm(self) -> dict:
+        return {"nfm": load_nfm_checkpoint(self.args.nfm, self.sae_cfg)[0]}
+
+    def joint(self) -> dict:
+        joint, joint_norm, joint_cfg = load_joint_checkpoint(self.args.joint)
+        self._same_layer(joint_cfg, "--joint")
+        return {"joint": joint, "joint_norm": joint_norm}
+
+    def standalone(self) -> dict:
+        base, base_norm, _ = load_sae_checkpoint(Path(self.args.joint) / "baseline_sae")
+        return {"base": base, "base_norm": base_norm}
+
+    def poly(self) -> dict:
+        poly, poly_norm, poly_cfg = load_joint_checkpoint(self.args.poly, "--poly", allow_poly=True)
         if poly_cfg["hparams"].get("decoder") != "poly":
-            raise cli.UserError(f"--poly {args.poly} holds a joint NFM model; pass a part5 --decoder poly folder "
+            raise cli.UserError(f"--poly {self.args.poly} holds a joint NFM model; pass a part5 --decoder poly folder "
                                 f"(the NFM one goes to --joint)")
-        pspec = DataSpec.from_description(poly_cfg["data"])
-        if pspec is None or (pspec.model, pspec.layer) != (spec.model, spec.layer):
-            raise cli.UserError(f"--poly {args.poly} was not trained on {spec.model} layer {spec.layer} like --sae "
-                                f"{args.sae}; pass models of the same layer")
+        self._same_layer(poly_cfg, "--poly")
+        return {"poly": poly, "poly_norm": poly_norm}
 
-    model, tok, _ = load_model(spec.model, args.dtype, args.device)
+    def _same_layer(self, cfg: dict, flag: str) -> None:
+        other = DataSpec.from_description(cfg["data"])
+        if other is None or (other.model, other.layer) != (self.spec.model, self.spec.layer):
+            raise cli.UserError(f"{flag} {getattr(self.args, flag[2:])} was not trained on {self.spec.model} layer "
+                                f"{self.spec.layer} like --sae {self.args.sae}; pass models of the same layer")
+
+
+def spliceable(sae, norm, kl_adapter, models: dict, device) -> Spliceable:
+    """A Spliceable of the resident SAE (and, for the first family, the KL adapter) plus one family's models,
+    moved to the device."""
+    for k, m in models.items():
+        if k == "ctls":
+            for c in m.values():
+                c.to(device).eval()
+        elif m is not None:
+            m.to(device)
+            if isinstance(m, torch.nn.Module):
+                m.eval()
+    sp = Spliceable(sae, norm, models.get("nfm"), models.get("joint"), models.get("joint_norm"), models.get("base"),
+                    models.get("base_norm"), models.get("ctls"))
+    sp.poly, sp.poly_norm = models.get("poly"), models.get("poly_norm")
+    sp.kl_adapter = kl_adapter
+    return sp
+
+
+class Tally:
+    """Per-document sums of KL and CE per variant, token counts per document, and up to 50,000 per-token KLs per
+    variant for the histograms."""
+
+    def __init__(self, n_docs: int):
+        self.sums: dict[str, dict[str, np.ndarray]] = {}
+        self.n_kl, self.n_ce = np.zeros(n_docs), np.zeros(n_docs)
+        self.doc_ids = np.full(n_docs, -1)
+        self.kl_samples: dict[str, list] = {}
+
+
+def splice_pass(model, tok, spec, sp: Spliceable, mean_act, chol: dict, gens: dict, args, tally: Tally,
+                desc: str) -> None:
+    """One pass over the held-out test-half documents: the original forward, then each of sp's variants not yet
+    in the tally (and their baselines) spliced in; the first pass also counts the tokens."""
     device = next(model.parameters()).device
-    for m in (sae, nfm, joint, base, sp.poly, *ctls.values()):
-        if m is not None:
-            m.to(device).eval()
-    for n_ in (norm, joint_norm, base_norm, sp.poly_norm):
-        if n_ is not None:
-            n_.to(device)
-    kl_budget = None
-    if args.kl_adapter_steps > 0:
-        sp.kl_adapter, kl_budget = train_kl_adapter(model, tok, spec, sae, norm, args.kl_adapter_steps,
-                                                    args.kl_adapter_batch, args.kl_adapter_lr, args.seed)
-        kl_budget["nfm_params"] = nfm.param_counts()["total"] if nfm is not None else None
-        sp.kl_adapter.eval().requires_grad_(False)
-    # the SAE's own training activations (same tokens, same stored precision) for the covariance baseline
-    x_train, _ = cached_activations(spec, "train", sae_cfg["data"]["train_tokens"], args.lm_batch_size, args.cache_dir,
-                                    args.dtype, args.device, {"model": model, "tokenizer": tok},
-                                    cache_dtype=sae_cfg["data"].get("activation_dtype", "bfloat16"))
-    x_train = x_train[:args.cov_tokens].float().to(device)
-    mean_act = x_train.mean(0)
-    chol = covariance_factors(sp, x_train, mean_act)
-    gen = torch.Generator().manual_seed(args.seed)
-
+    done = frozenset(tally.sums)                                    # evaluated by an earlier family
+    first = not done
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     seqs = iter_test_half_sequences(tok, spec, args.docs)           # test-half held-out documents only
-    sums: dict[str, dict[str, np.ndarray]] = {}
-    n_kl, n_ce = np.zeros(args.docs), np.zeros(args.docs)
-    doc_ids = np.full(args.docs, -1)
-    kl_samples: dict[str, list] = {}
-    bar = tqdm(total=args.docs, desc="KL/CE on held-out test-half documents", unit="doc")
+    bar = tqdm(total=args.docs, desc=desc, unit="doc")
     while True:
         batch = list(itertools.islice(seqs, args.lm_batch_size))
         if not batch:
@@ -268,7 +322,6 @@ def main(argv=None):
         ids, mask = batch_sequences([b[0] for b in batch], pad)
         ids, mask = ids.to(device), mask.to(device)
         docs = torch.tensor([b[1] for b in batch])                             # slot 0..docs-1 of each sequence
-        doc_ids[docs.numpy()] = [b[2] for b in batch]
         keep = keep_mask(tok, mask, spec.keep_bos).to(device)                   # [batch, pos]
         has_next = torch.zeros_like(keep)
         has_next[:, :-1] = mask[:, 1:].bool()
@@ -282,13 +335,19 @@ def main(argv=None):
         with torch.no_grad(), splice(model, spec.layer, capture):
             logp_o = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
         h_keep = box["h"][keep].float()                                         # [n_kept, d]
-        recs = {**sp.reconstructions(h_keep), **ablations(h_keep, mean_act)}
+        recs = {k: v for k, v in {**sp.reconstructions(h_keep), **ablations(h_keep, mean_act)}.items()
+                if k not in done}
         nxt = torch.zeros_like(ids)
         nxt[:, :-1] = ids[:, 1:]
         doc_of = docs[:, None].expand_as(keep.cpu())
-        np.add.at(n_kl, doc_of[keep.cpu()].numpy(), 1)
-        np.add.at(n_ce, doc_of[ce_pos.cpu()].numpy(), 1)
-        for name, new in replacement_stream(h_keep, recs, chol, gen):
+        kept_docs, ce_docs = doc_of[keep.cpu()].numpy(), doc_of[ce_pos.cpu()].numpy()
+        if first:
+            tally.doc_ids[docs.numpy()] = [b[2] for b in batch]
+            np.add.at(tally.n_kl, kept_docs, 1)
+            np.add.at(tally.n_ce, ce_docs, 1)
+        for name, new in replacement_stream(h_keep, recs, chol, gens):
+            if not first and name in ("original", "identity"):
+                continue
             if new is None:
                 logp = logp_o
             else:
@@ -300,14 +359,57 @@ def main(argv=None):
                     logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
             kl = (logp_o.exp() * (logp_o - logp)).sum(-1)                       # [batch, pos]
             ce = -logp.gather(-1, nxt[..., None]).squeeze(-1)
-            acc = sums.setdefault(name, {"kl": np.zeros(args.docs), "ce": np.zeros(args.docs)})
-            np.add.at(acc["kl"], doc_of[keep.cpu()].numpy(), kl[keep].double().cpu().numpy())
-            np.add.at(acc["ce"], doc_of[ce_pos.cpu()].numpy(), ce[ce_pos].double().cpu().numpy())
-            if len(kl_samples.setdefault(name, [])) < 50_000:
-                kl_samples[name].extend(kl[keep].cpu().tolist())
+            acc = tally.sums.setdefault(name, {"kl": np.zeros(args.docs), "ce": np.zeros(args.docs)})
+            np.add.at(acc["kl"], kept_docs, kl[keep].double().cpu().numpy())
+            np.add.at(acc["ce"], ce_docs, ce[ce_pos].double().cpu().numpy())
+            if len(tally.kl_samples.setdefault(name, [])) < 50_000:
+                tally.kl_samples[name].extend(kl[keep].cpu().tolist())
         bar.n = int(docs.max()) + 1
         bar.refresh()
     bar.close()
+
+
+def main(argv=None):
+    args = cli.parse(build_parser(), argv, stage="part6")
+    cli.seed_everything(args.seed)
+    out = cli.prepare_out(args.out, args)
+    t0 = time.time()
+    sae, norm, sae_cfg = load_sae_checkpoint(args.sae)
+    spec = DataSpec.from_description(sae_cfg["data"])
+    if spec is None:
+        raise cli.UserError(f"--sae {args.sae} was trained on an activation file; part6 needs an SAE trained through "
+                            f"an LM (--model), to splice it back in")
+    families = Families(args, sae_cfg, spec)
+    if sae_cfg["data"].get("model_fingerprint") not in (None, model_fingerprint(resolve_model_path(spec.model))):
+        raise cli.UserError(f"the model {spec.model} has changed on disk since --sae was trained; retrain from part1")
+
+    model, tok, _ = load_model(spec.model, args.dtype, args.device)
+    device = next(model.parameters()).device
+    sae.to(device).eval()
+    norm.to(device)
+    kl_adapter = kl_budget = None
+    if args.kl_adapter_steps > 0:
+        kl_adapter, kl_budget = train_kl_adapter(model, tok, spec, sae, norm, args.kl_adapter_steps,
+                                                 args.kl_adapter_batch, args.kl_adapter_lr, args.seed)
+        kl_budget["nfm_params"] = families.meta.get("params[nfm]")
+        kl_adapter.eval().requires_grad_(False)
+    # the SAE's own training activations (same tokens, same stored precision) for the covariance baseline
+    x_train, _ = cached_activations(spec, "train", sae_cfg["data"]["train_tokens"], args.lm_batch_size, args.cache_dir,
+                                    args.dtype, args.device, {"model": model, "tokenizer": tok},
+                                    cache_dtype=sae_cfg["data"].get("activation_dtype", "bfloat16"))
+    x_train = x_train[:args.cov_tokens].float().to(device)
+    mean_act = x_train.mean(0)
+
+    tally = Tally(args.docs)
+    for i, (family, load) in enumerate(families.loaders):
+        sp = spliceable(sae, norm, kl_adapter if i == 0 else None, load(), device)
+        chol = covariance_factors(sp, x_train, mean_act, skip=frozenset(tally.sums))
+        gens = {name: baseline_generator(args.seed, name) for name in chol}
+        splice_pass(model, tok, spec, sp, mean_act, chol, gens, args, tally,
+                    f"KL/CE on held-out test-half documents ({family}, {i + 1}/{len(families.loaders)})")
+        del sp, chol
+    n_kl, n_ce, doc_ids, kl_samples = tally.n_kl, tally.n_ce, tally.doc_ids, tally.kl_samples
+    sums = {name: tally.sums[name] for name in report_order(tally.sums)}
     n_docs = int((n_kl > 0).sum())
     if n_docs < 2:
         raise cli.UserError("fewer than 2 held-out documents were found; use a larger text source or --docs")
@@ -340,12 +442,12 @@ def main(argv=None):
                "layer": spec.layer, "model": spec.model, "dataset": spec.dataset,
                "split": "validation (held out by document), test half only (common/data.py heldout_half)",
                "evaluated_documents": doc_ids.tolist(),
-               "controls": {name: {"params": controls.n_params(m), "checkpoint": str(Path(args.nfm) / (
-                   name if name == "residual_sae" else f"controls/{name}"))} for name, m in ctls.items()},
+               "controls": {name: {"params": families.meta[f"params[{name}]"], "checkpoint": str(Path(args.nfm) / (
+                   name if name == "residual_sae" else f"controls/{name}"))} for name in families.control_names},
                "kl_adapter": kl_budget,
                "definitions": __doc__.split("Demo")[0].strip(), "seconds": time.time() - t0,
-               "inputs": {"sae": args.sae, "nfm": args.nfm if nfm is not None else None,
-                          "joint": args.joint if joint is not None else None, "poly": args.poly or None}}
+               "inputs": {"sae": args.sae, "nfm": args.nfm if families.has_nfm else None,
+                          "joint": args.joint if families.has_joint else None, "poly": args.poly or None}}
     cli.write_json(out / "metrics.json", metrics)
     with open(out / "kl.csv", "w", newline="") as f:
         w = csv.writer(f)

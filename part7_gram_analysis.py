@@ -11,14 +11,18 @@ code), in the model's normalised units. Reported per model:
   - joint model only, on held-out tokens: each feature's direct (SAE path), NFM-linear and NFM-interaction
     contribution (common/featurestats.py), its NFM share, the Pearson and Spearman correlation of the NFM
     share with the squared norm (95% CIs), and the group shares below / above --threshold (the study's
-    82.8% vs 71.3% computation, here in output units rather than raw weight norms).
+    82.8% vs 71.3% computation, here in output units rather than raw weight norms);
+  - joint model only, the study's computation in its own terms ("seed_bimodality", common/featurestats.py:
+    ||W_dec[i]||^2 of the SAE decoder alone split at --seed-threshold 0.2, ratios of plain weight norms,
+    Student t per ratio, Spearman rho), meaningful for unconstrained decoders (--recipe reference).
 
 Demo (after part1 and part5):
     python part7_gram_analysis.py
 Paper setup:
     python part7_gram_analysis.py --preset paper --sae checkpoints/paper/part1_sae --joint checkpoints/paper/part5_joint --out checkpoints/paper/part7_gram
 
-Writes to --out: metrics.json, squared_norms.png, shares_vs_squared_norm.png, max_cosine.png.
+Writes to --out: metrics.json, squared_norms.png, shares_vs_squared_norm.png, max_cosine.png and, for
+unconstrained decoders, seed_ratios_vs_squared_norm.png.
 """
 from __future__ import annotations
 
@@ -29,8 +33,9 @@ import numpy as np
 import torch
 
 from common import cli, plots
-from common.data import DataSpec, get_activations, split_selection_test
-from common.featurestats import corr_with_ci, feature_contributions, gmm_bic, max_abs_cosine
+from common.data import DataSpec, get_activations
+from common.featurestats import (SEED_THRESHOLD, corr_with_ci, feature_contributions, gmm_bic, max_abs_cosine,
+                                 seed_bimodality, seed_ratios)
 from common.joint import load_joint_checkpoint
 from common.loading import load_sae_checkpoint
 from common.sae import encode_all
@@ -47,6 +52,9 @@ def build_parser():
                    help="squared-norm threshold for the group shares (default: between the two mixture modes when "
                         "bimodal, else the median)")
     p.add_argument("--chunk", type=int, default=1024, help="rows per chunk of the Gram computation (default: 1024)")
+    p.add_argument("--seed-threshold", type=float, default=SEED_THRESHOLD,
+                   help="the original study's squared-norm split of ||W_dec[i]||^2 for its own analysis "
+                        "(seed_bimodality, for unconstrained decoders: --recipe reference) (default: 0.2)")
     cli.add_data_args(p, with_model_source=False)
     return p
 
@@ -98,13 +106,16 @@ def main(argv=None):
         results[name] = {**g["summary"], "init_source": init_note}
         models[name] = (g, init)
 
-    shares = None
+    shares = seed = None
     if joint is not None:
+        # the original study's own analysis of the joint SAE decoder's squared norms (meaningful for free norms)
+        seed = seed_bimodality(joint.sae.W_dec, joint.nfm.W_lin, joint.nfm.V, args.seed_threshold)
+        results["joint (W_dec + W_lin)"]["seed_bimodality"] = seed
         device = cli.env_device(args.device)
         joint.to(device)
         acts = get_activations(args, DataSpec.from_description(jcfg["data"]), width=joint.sae.cfg.d, parent=jcfg["data"],
                                need_train=False)
-        _, (x_test,) = split_selection_test(jnorm.encode(acts.val), acts.val_docs)
+        _, x_test = acts.normalized_halves(jnorm.encode)
         idx, val = encode_all(joint.sae, x_test)
         c = feature_contributions(joint.nfm, idx, val, joint.sae.cfg.n_latents, joint.sae.W_dec.detach())
         total = c["direct"] + c["linear"] + c["interaction"]
@@ -135,11 +146,21 @@ def main(argv=None):
     if shares is not None:
         pngs.append(plots.scatter_panels(s_act, {k: share[k] for k in ("nfm", "linear", "interaction", "direct")},
                                          out / "shares_vs_squared_norm.png", "squared norm", thr))
+    if seed is not None and not seed["all_unit_norm"]:
+        pngs.append(plots.scatter_panels(*seed_ratios(joint.sae.W_dec, joint.nfm.W_lin, joint.nfm.V),
+                                         out / "seed_ratios_vs_squared_norm.png", "||W_dec[i]||^2 (joint SAE decoder)",
+                                         args.seed_threshold))
     for name, r in results.items():
         b = r["bimodality"]
         print(f"{name}: squared norm mean {r['squared_norm_mean']:.3f} (init {r['init_squared_norm_mean']:.3f}, "
               f"{r['share_unchanged_from_init']:.1%} unchanged); two modes: {b['two_modes']} (dBIC {b['delta_bic']:.1f}); "
               f"mean max |cos| {r['mean_max_abs_cos']:.3f}")
+    if seed is not None:
+        r = seed["ratios"]["nfm_total"]
+        print(f"the study's own analysis (||W_dec[i]||^2 split at {seed['threshold']}): " + (
+            "every squared norm is 1 (unit-norm decoder): not applicable; train with --recipe reference" if seed["all_unit_norm"]
+            else f"n low {seed['n_low']} / high {seed['n_high']}, nfm_total {r['mean_low']} vs {r['mean_high']}, "
+                 f"Spearman rho {r.get('spearman_rho', float('nan')):+.3f} (built in: R_i = sqrt(s_i))"))
     if shares is not None:
         g = shares["group_means"]
         cor = shares["correlation_nfm_share_vs_squared_norm"]["spearman"]

@@ -45,13 +45,15 @@ OPENLLAMA_3B = dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=
 TINY = dict(OPENLLAMA_3B, hidden_size=64, intermediate_size=172, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, vocab_size=2048)
 # the full preset, for the extrapolation: (training tokens, batch) of the trained stages (6 epochs each) and host
-# bytes per held-out row (d 3200, K 1024: bf16 rows as read, fp32 normalised rows and their two halves, and in
-# part2/part3 the codes, residuals and hidden layer; the arithmetic is in bench/RESULTS.md)
+# bytes per held-out row (d 3200, K 1024). Stages that normalise both halves (Activations.normalized_halves:
+# split the bfloat16 rows, release them, normalise half by half) peak at one half's bfloat16 rows and both
+# float32 halves, 16,000 B; test-half-only readers at the split, 12,800 B; part2/part3 also hold the codes,
+# residuals and hidden layer (the arithmetic is in bench/RESULTS.md)
 FULL_TRAIN = {"part1": (1_000_000, 4096), "part2": (5_000_000, 1024), "part3": (1_000_000, 4096),
               "part3_joint": (1_000_000, 4096), "part5": (5_000_000, 4096), "part5_poly": (5_000_000, 4096)}
 FULL_VAL = 100_000
-HELD_BYTES = {"part1": 32_000, "part2": 51_000, "part3": 72_000, "part3_joint": 72_000, "part5": 32_000,
-              "part5_poly": 32_000, "part4": 32_000, "part4_joint": 32_000, "part7": 32_000}
+HELD_BYTES = {"part1": 16_000, "part2": 51_000, "part3": 72_000, "part3_joint": 72_000, "part5": 16_000,
+              "part5_poly": 16_000, "part4": 12_800, "part4_joint": 12_800, "part7": 12_800}
 # part6 at the preset evaluates full LM batches (--lm-batch-size 8 of 128 tokens; the rehearsal's 2 documents
 # fill fewer): per batch the log-probabilities (4 float32 [8, 128, 32000] tensors at once) and ~25 variants'
 # replacements of [8 x 127, 3200] float32

@@ -167,6 +167,20 @@ def add_training_args(p: argparse.ArgumentParser, lr_default: float | None, lr_h
                    help="steps between evaluations on the held-out selection half (default: steps/20)")
 
 
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """--recipe / --allow-recipe-mix, for the stages that train (common/recipe.py)."""
+    from .recipe import DEFAULT, RECIPES
+    g = p.add_argument_group("recipe")
+    g.add_argument("--recipe", choices=RECIPES, default=DEFAULT,
+                   help="default: this tool's recipe; reference: the original study's, as its code ran (z-score, "
+                        "SAE without b_dec or decoder-norm constraint and with its init, Adam 1e-4 eps 1e-5, "
+                        "clip 1.0, LinearLR 1.0 -> 0.1 over 80%% of the steps, its batch sizes, no AuxK, the NFM's "
+                        "inits; common/recipe.py). It sets those flags' defaults; explicit flags still win "
+                        "(default: %(default)s)")
+    g.add_argument("--allow-recipe-mix", action="store_true",
+                   help="accept a parent checkpoint trained with another --recipe (default: refuse)")
+
+
 def add_precompute_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precompute-mb", type=float, default=1024,
                    help="what this stage derives from each training row (codes, residuals, hidden layers) is computed "
@@ -185,12 +199,16 @@ def eval_every(args, steps: int) -> int:
 
 
 def parse(p: argparse.ArgumentParser, argv=None, stage: str = "part1") -> argparse.Namespace:
-    """Parse with presets: `--preset NAME` changes this stage's defaults, explicit flags still win."""
+    """Parse with presets: `--preset NAME` (and `--recipe reference`) change this stage's defaults, explicit
+    flags still win."""
     pre, _ = p.parse_known_args(argv)
     preset = getattr(pre, "preset", None)
+    known = {a.dest for a in p._actions}
     if preset:
-        known = {a.dest for a in p._actions}
         p.set_defaults(**{k: v for k, v in PRESETS[preset][stage].items() if k in known})
+    if getattr(pre, "recipe", None) == "reference":           # after the preset: the reference's batch sizes win
+        from .recipe import FLAG_DEFAULTS
+        p.set_defaults(**{k: v for k, v in FLAG_DEFAULTS.get(stage, {}).items() if k in known})
     args = p.parse_args(argv)
     for name in ("train_tokens", "val_tokens", "seq_len", "lm_batch_size", "batch_size", "steps", "checkpoint_every",
                  "n_latents", "k", "nfm_dim", "nfm_hidden", "expansion", "docs", "top", "n_prompts", "n_examples",

@@ -579,6 +579,15 @@ class Activations:
     val_docs: torch.Tensor | None
     description: dict
 
+    def normalized_halves(self, encode) -> tuple[torch.Tensor, torch.Tensor]:
+        """(selection half, test half) of the held-out rows, each through `encode` (a normaliser's), with the
+        stored rows released: split first, then normalise half by half, so that the float32 copy of every row and
+        its two halves never coexist (at 100k held-out rows of d 3,200: 3.2 GB at once before, 1.6 GB now)."""
+        (sel,), (test,) = split_selection_test(self.val, self.val_docs)
+        self.val = None
+        sel = encode(sel)
+        return sel, encode(test)
+
 
 def get_activations(args, spec: DataSpec | None, width: int | None = None, lm: dict | None = None,
                     parent: dict | None = None, need_train: bool = True) -> Activations:

@@ -143,3 +143,45 @@ def gmm_bic(x: np.ndarray, iters: int = 300, seed: int = 0) -> dict:
     return {"bic_one": bic1, "bic_two": bic2, "delta_bic": bic1 - bic2, "mixture_density_peaks": peaks,
             "two_modes": bool(bic1 - bic2 > 10 and peaks >= 2),
             "means": mu[order].tolist(), "stds": sd[order].tolist(), "weights": w[order].tolist()}
+
+
+SEED_THRESHOLD = 0.2        # original_study.md §8.3: "s_i < 0.2 ('low'/'diffuse') vs s_i > 0.2"
+
+
+def seed_ratios(W_dec: torch.Tensor, W_lin: torch.Tensor, V: torch.Tensor) -> tuple[np.ndarray, dict]:
+    """(s_i = ||W_dec[i]||^2 [m], {ratio name: [m]}) over the m features with s_i > 1e-6 (see seed_bimodality)."""
+    s = W_dec.detach().double().pow(2).sum(1)
+    keep = s > 1e-6
+    R, L, I = s[keep].sqrt(), W_lin.detach().double()[keep].norm(dim=1), V.detach().double()[keep].norm(dim=1)
+    T = (R + L + I).clamp_min(1e-300)
+    return s[keep].numpy(), {"nfm_total": ((L + I) / T).numpy(), "linear": (L / T).numpy(),
+                             "interaction": (I / T).numpy(), "residual": (R / T).numpy()}
+
+
+def seed_bimodality(W_dec: torch.Tensor, W_lin: torch.Tensor, V: torch.Tensor, threshold: float = SEED_THRESHOLD) -> dict:
+    """The original study's squared-norm analysis (part17_bimodal_gram_inspection.py, original_study.md §8.3), in
+    its own terms, for a joint model's rows W_dec, W_lin [n, d] and V [n, dim]: for each feature with
+    s_i = ||W_dec[i]||^2 > 1e-6, the plain weight norms R_i = ||W_dec[i]||, L_i = ||W_lin[i]||, I_i = ||V[i]||,
+    T_i = R_i + L_i + I_i and the ratios nfm_total (L + I) / T, linear L / T, interaction I / T, residual R / T;
+    the group means below / above `threshold` with a Student t-test (equal variances) per ratio, and the
+    Spearman rho of s with each ratio. Meaningful only for unconstrained decoders (--recipe reference): with
+    unit-norm rows every s_i is 1. Built in, as the notes say (§14.7): R_i = sqrt(s_i), so rho(s, residual) is
+    near +1 by construction and nfm_total = 1 - residual mirrors it."""
+    from scipy import stats
+
+    sk, ratios = seed_ratios(W_dec, W_lin, V)
+    low, high = sk < threshold, sk > threshold
+    out = {"threshold": threshold, "n_features": int(sk.size), "n_low": int(low.sum()), "n_high": int(high.sum()),
+           "squared_norm_mean": float(sk.mean()) if sk.size else None,
+           "all_unit_norm": bool(np.all(np.abs(sk - 1) < 1e-5)), "ratios": {}}
+    for name, r in ratios.items():
+        row = {"mean_low": float(r[low].mean()) if low.any() else None,
+               "mean_high": float(r[high].mean()) if high.any() else None}
+        if low.sum() > 1 and high.sum() > 1:
+            t, p = stats.ttest_ind(r[low], r[high], equal_var=True)
+            row.update(t=float(t), p=float(p))
+        if sk.size > 2 and not out["all_unit_norm"]:      # equal norms (up to rounding): no ranking to test
+            rho, p_rho = stats.spearmanr(sk, r)
+            row.update(spearman_rho=float(rho), spearman_p=float(p_rho))
+        out["ratios"][name] = row
+    return out

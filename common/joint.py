@@ -35,7 +35,7 @@ class JointModel(SharedCodePaths, nn.Module):
     def __init__(self, sae_cfg: SAEConfig, nfm_cfg: NFMConfig):
         super().__init__()
         self.sae = TopKSAE(sae_cfg)
-        self.nfm = NFM(nfm_cfg)
+        self.nfm = NFM(nfm_cfg)         # nfm_cfg.top_n: the reference's TOP_N truncation of both NFM paths' code
 
     @property
     def interaction_model(self) -> NFM:
@@ -43,18 +43,22 @@ class JointModel(SharedCodePaths, nn.Module):
         return self.nfm
 
     def paths_from(self, idx: torch.Tensor, val: torch.Tensor) -> dict[str, torch.Tensor]:
+        sae = self.sae.decode(idx, val)
+        idx, val = self.nfm.truncate(idx, val)                        # the reference's f_N, or the whole code
         code_t = TransposedCode(idx, val, self.sae.cfg.n_latents)     # one sort for both NFM backwards
-        return {"sae": self.sae.decode(idx, val), "linear": self.nfm.linear(idx, val, code_t),
+        return {"sae": sae, "linear": self.nfm.linear(idx, val, code_t),
                 "interaction": self.nfm.interaction(idx, val, code_t)}
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         out, idx, val, picks = self.paths(x, aux=True)
         x_hat = out["sae"] + out["linear"] + out["interaction"]
         total_var = dist.total_variance(x).clamp_min(1e-12)     # of the global batch under torchrun
-        fvu = (x - x_hat).pow(2).sum() / total_var
+        sse = (x - x_hat).pow(2).sum()
+        fvu = sse / total_var
         aux = self.sae.auxk_loss(picks, x, x_hat)
         self.sae.track_firing(idx, val, x.shape[0])
-        return dist.scaled_loss(fvu + self.sae.cfg.auxk_alpha * aux, {"fvu": fvu.detach(), "auxk": aux.detach()})
+        main = fvu if self.sae.cfg.loss == "fvu" else sse / (x.numel() * dist.world())   # mse: the reference's
+        return dist.scaled_loss(main + self.sae.cfg.auxk_alpha * aux, {"fvu": fvu.detach(), "auxk": aux.detach()})
 
     def param_counts(self) -> dict:
         sae = sum(p.numel() for p in self.sae.parameters())

@@ -39,12 +39,18 @@ class NFMConfig:
     dim: int = 64
     hidden: int = 64
     dropout: float = 0.15
+    init: str = "default"          # "default" or "reference" (the original study's, --recipe reference)
+    top_n: int | None = None       # the reference joint model's TOP_N: both paths read the top_n largest code values
 
     def validate(self) -> None:
         if min(self.n_features, self.d, self.dim, self.hidden) <= 0:
             raise UserError(f"NFM sizes must be positive (dim={self.dim}, hidden={self.hidden})")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.top_n is not None and self.top_n <= 0:
+            raise UserError(f"the NFM's top_n must be positive, got {self.top_n}")
+        if self.init not in ("default", "reference"):
+            raise UserError(f"unknown NFM init {self.init!r}; the checkpoint is from a newer version of this tool")
 
 
 # ---------------------------------------------------------------------------- sparse-path kernels
@@ -92,13 +98,21 @@ class NFM(nn.Module):
         cfg.validate()
         self.cfg = cfg
         # W_lin starts at zero so the untrained NFM is the zero predictor it is measured against;
-        # V ~ N(0, 0.05^2) as in the original study; the MLP uses PyTorch's default init.
+        # V ~ N(0, 0.05^2) as in the original study; the MLP uses PyTorch's default init (init "reference":
+        # the study's W_lin ~ N(0, 0.01^2) and MLP weights ~ N(0, 0.01^2) with zero biases, below).
         self.V = nn.Parameter(torch.randn(cfg.n_features, cfg.dim) * 0.05)      # [n_features, dim]
         self.W_lin = nn.Parameter(torch.zeros(cfg.n_features, cfg.d))           # [n_features, d]
         self.b_lin = nn.Parameter(torch.zeros(cfg.d))                           # [d]
         self.drop = nn.Dropout(cfg.dropout)
         self.mlp1 = nn.Linear(cfg.dim, cfg.hidden)
         self.mlp2 = nn.Linear(cfg.hidden, cfg.d)
+        if cfg.init == "reference":       # the original study's (common/recipe.py, original_study.md §3.2)
+            from . import recipe
+            with torch.no_grad():
+                self.W_lin.normal_(0, recipe.NFM_LINEAR_STD)
+                for lin in (self.mlp1, self.mlp2):
+                    lin.weight.normal_(0, recipe.NFM_MLP_STD)
+                    lin.bias.zero_()
         # Each path's mean output on training tokens, set once after training and saved with the weights:
         # mean-ablation puts it in place of a removed path. The two paths carry large constant offsets that
         # cancel (b_lin against the MLP's biases; on the demo their means have norms 1.28 and 1.29 at cosine
@@ -110,15 +124,32 @@ class NFM(nn.Module):
 
     # ------------------------------------------------------------------ sparse path
     # `code_t` lets forward() share one sort of the code between both paths' backwards; callers of a
-    # single path leave it out. It must be built from the same (idx, val).
+    # single path leave it out. It must be built from the same (idx, val), after `truncate`.
+    def truncate(self, idx: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The code both paths read: the whole code, or with cfg.top_n (the reference joint model's TOP_N,
+        common/recipe.py) its top_n largest values [batch, top_n]. Every entry point applies it, so any stage
+        that hands this NFM a full code computes what the model was trained on; a truncated code passes through."""
+        n = self.cfg.top_n
+        if n is None or idx.shape[1] <= n:
+            return idx, val
+        val, j = val.topk(n, dim=1, sorted=False)
+        return idx.gather(1, j), val
+
     def _code_t(self, idx, val, code_t: TransposedCode | None) -> TransposedCode:
         return code_t if code_t is not None else TransposedCode(idx, val, self.cfg.n_features)
 
+    def _entry(self, idx, val, code_t):
+        if code_t is not None and self.cfg.top_n is not None and idx.shape[1] > self.cfg.top_n:
+            raise ValueError("code_t must be built from the truncated code (NFM.truncate)")
+        return self.truncate(idx, val)
+
     def linear(self, idx: torch.Tensor, val: torch.Tensor, code_t: TransposedCode | None = None) -> torch.Tensor:
+        idx, val = self._entry(idx, val, code_t)
         return _WeightedBag.apply(idx, val, self.W_lin, self._code_t(idx, val, code_t)) + self.b_lin  # [batch, d]
 
     def bi_interaction(self, idx: torch.Tensor, val: torch.Tensor,
                        code_t: TransposedCode | None = None) -> torch.Tensor:
+        idx, val = self._entry(idx, val, code_t)
         training = torch.is_grad_enabled() and self.V.requires_grad
         return _BiInteraction.apply(idx, val, self.V, self._code_t(idx, val, code_t), training)  # [batch, dim]
 
@@ -134,6 +165,7 @@ class NFM(nn.Module):
         return self.interaction_from_hidden(self.hidden(idx, val, code_t))
 
     def forward(self, idx: torch.Tensor, val: torch.Tensor, paths=PATHS) -> torch.Tensor:
+        idx, val = self.truncate(idx, val)
         code_t = TransposedCode(idx, val, self.cfg.n_features)
         out = 0
         if "linear" in paths:
@@ -150,7 +182,10 @@ class NFM(nn.Module):
 
     # ------------------------------------------------------------------ dense reference
     def forward_dense(self, f: torch.Tensor, paths=PATHS) -> torch.Tensor:
-        """The textbook formula on a dense code f [batch, n_features]."""
+        """The textbook formula on a dense code f [batch, n_features] (with cfg.top_n: its top_n largest entries)."""
+        if self.cfg.top_n is not None:
+            val, j = f.topk(self.cfg.top_n, dim=1)
+            f = torch.zeros_like(f).scatter(1, j, val)
         out = 0
         if "linear" in paths:
             out = out + f @ self.W_lin + self.b_lin
@@ -174,7 +209,11 @@ class NFM(nn.Module):
         """||q(f) - q(f without feature j)|| for each active feature j of each row: [batch, k].
 
         Closed form of the pooled vector without j: s' = s - f_j v_j, t' = t - f_j^2 v_j^2, p' = (s'^2 - t')/2,
-        so no [batch, n_features] tensor is built; the MLP runs on [batch, k, dim]."""
+        so no [batch, n_features] tensor is built; the MLP runs on [batch, k, dim]. With cfg.top_n, entries outside
+        the top_n give 0 and the others are left out of the truncated code (no feature is promoted into it)."""
+        if self.cfg.top_n is not None and idx.shape[1] > self.cfg.top_n:
+            keep = torch.zeros_like(val, dtype=torch.bool).scatter(1, val.topk(self.cfg.top_n, dim=1).indices, True)
+            val = val * keep                                              # outside the top_n: no contribution
         fv = val[..., None] * self.V[idx]                                 # [batch, k, dim]
         s, t = fv.sum(1, keepdim=True), (fv * fv).sum(1, keepdim=True)
         p_full = 0.5 * (s * s - t)                                        # [batch, 1, dim]
@@ -274,7 +313,7 @@ def hidden_all(nfm: NFM, idx: torch.Tensor, val: torch.Tensor, batch: int = 8192
 
 
 def train_nfm(nfm: NFM, train, sel: tuple, steps: int, batch_size: int, lr: float, eval_every: int, seed: int,
-              ckpt=None, tag: str = "nfm"):
+              ckpt=None, tag: str = "nfm", optimizer: str = "adam"):
     """Fit NFM(f) to the residual r by MSE; select the best step on the selection split `sel`=(idx, val, r).
     train: (idx, val, r) tensors, or a Rows whose gather gives them per batch (part2 computes them from the frozen
     SAE per batch, common/rows.py)."""
@@ -298,6 +337,6 @@ def train_nfm(nfm: NFM, train, sel: tuple, steps: int, batch_size: int, lr: floa
 
     torch.manual_seed(seed)  # dropout masks
     res = fit(nfm, rows.n, batch_size, steps, lr, step_loss, evaluate, eval_every, seed, "train NFM",
-              ckpt=ckpt, tag=tag, shuffle=rows.shuffle)
+              ckpt=ckpt, tag=tag, shuffle=rows.shuffle, optimizer=optimizer)
     rows.release()                                      # the block cache: not needed after training
     return res

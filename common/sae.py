@@ -30,6 +30,9 @@ Recipe and where it comes from:
     is shorter: rows ended at norms 0.82-0.99 on the demo), so the evaluated and saved model is x with its
     decoder rows projected back onto the unit sphere. This is also the better model: held-out FVU 0.0104
     against 0.0128 for raw x and 0.0118 for the last iterate y (demo, 200 steps of 4096; bench/RESULTS.md).
+The original study's SAE (`--recipe reference`, common/recipe.py; `SAEConfig(b_dec=False, unit_norm=False,
+init="linear-default-tied", loss="mse")`): no b_dec, free decoder norms, PyTorch's default Linear init tied to the
+encoder, MSE loss, no AuxK, trained with the reference's Adam (eps 1e-5, clip 1.0, LinearLR).
 Fast path: the encoder backward touches only the top-k entries (custom autograd function, as sparsify's
 fused encoder), the decoder is `F.embedding_bag`. `forward_dense` is the plain reference (dense
 [batch, n_latents] code, matmul decoder); tests check outputs and gradients agree.
@@ -57,12 +60,34 @@ class SAEConfig:
     k: int
     auxk_alpha: float = 1 / 32
     dead_tokens: int = 10_000_000
+    # the original study's SAE (--recipe reference, common/recipe.py) switches these three off / to "mse":
+    b_dec: bool = True                 # a trained decoder bias, subtracted before the encoder
+    unit_norm: bool = True             # decoder rows kept at unit norm
+    init: str = "tied-unit"            # "tied-unit" (W_dec = W_enc, rows unit norm) or "linear-default-tied"
+    loss: str = "fvu"                  # "fvu" (scale-free) or "mse" (mean over rows and dims)
 
     def validate(self) -> None:
         if self.n_latents <= 0 or self.k <= 0 or self.d <= 0:
             raise UserError(f"sizes must be positive (d={self.d}, n_latents={self.n_latents}, k={self.k})")
         if self.k > self.n_latents:
             raise UserError(f"--k {self.k} exceeds --n-latents {self.n_latents}; choose k <= n_latents")
+        if self.init not in SAE_INITS or self.loss not in ("fvu", "mse"):
+            raise UserError(f"unknown SAE init {self.init!r} or loss {self.loss!r}; the checkpoint is from a newer "
+                            f"version of this tool, update it")
+
+
+SAE_INITS = ("tied-unit", "linear-default-tied")
+
+
+def recipe_options(name: str) -> dict:
+    """SAEConfig fields a --recipe sets: none for the default; for the reference (common/recipe.py,
+    original_study.md §2.2-2.3) no b_dec, free decoder norms, PyTorch's default Linear init tied to the encoder
+    and the MSE loss. (Its "no AuxK" is the --auxk-alpha default the recipe sets, so a flag can still turn it on.)"""
+    if name != "reference":
+        return {}
+    from . import recipe
+    return {"b_dec": recipe.SAE_B_DEC, "unit_norm": recipe.SAE_UNIT_NORM, "init": recipe.SAE_INIT,
+            "loss": recipe.SAE_LOSS}
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -173,11 +198,19 @@ class TopKSAE(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        enc = nn.Linear(cfg.d, cfg.n_latents)             # Kaiming-uniform init, as sparsify
-        self.W_enc = nn.Parameter(enc.weight.data.clone())                  # [n_latents, d]
+        if cfg.init == "linear-default-tied":
+            # the reference: the decoder nn.Linear(n_latents, d)'s default init (uniform +-1/sqrt(n_latents), squared
+            # row norms ~ d / (3 n_latents)), the encoder weight set to the decoder's transpose (both [n_latents, d])
+            w = nn.Linear(cfg.n_latents, cfg.d).weight.data.T.contiguous()
+            w_enc, w_dec = w.clone(), w.clone()
+        else:
+            enc = nn.Linear(cfg.d, cfg.n_latents)         # Kaiming-uniform init, as sparsify
+            w_enc, w_dec = enc.weight.data.clone(), F.normalize(enc.weight.data.clone(), dim=1)
+        self.W_enc = nn.Parameter(w_enc)                                    # [n_latents, d]
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))               # [n_latents]
-        self.W_dec = nn.Parameter(F.normalize(enc.weight.data.clone(), dim=1))  # [n_latents, d], tied init
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d))                       # [d]
+        self.W_dec = nn.Parameter(w_dec)                                    # [n_latents, d], tied init
+        # [d]; without b_dec (the reference) it stays zero and untrained, so every code path is the same
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d), requires_grad=cfg.b_dec)
         # tokens since each latent last fired (AuxK's notion of "dead"); not a parameter
         self.register_buffer("since_fired", torch.zeros(cfg.n_latents, dtype=torch.long))
 
@@ -244,10 +277,12 @@ class TopKSAE(nn.Module):
             x_hat, aux_hat = _PairBag.apply(idx, val, aux[0], aux[1], self.W_dec, code)
             x_hat, aux_hat = x_hat + self.b_dec, aux_hat + self.b_dec
         total_var = dist.total_variance(x).clamp_min(1e-12)     # of the global batch under torchrun
-        fvu = (x - x_hat).pow(2).sum() / total_var
+        sse = (x - x_hat).pow(2).sum()
+        fvu = sse / total_var
         auxk = self.auxk_loss(aux, x, x_hat, aux_hat)
         self.track_firing(idx, val, x.shape[0])
-        return dist.scaled_loss(fvu + self.cfg.auxk_alpha * auxk, {"fvu": fvu.detach(), "auxk": auxk.detach()})
+        main = fvu if self.cfg.loss == "fvu" else sse / (x.numel() * dist.world())   # mse: of the global batch
+        return dist.scaled_loss(main + self.cfg.auxk_alpha * auxk, {"fvu": fvu.detach(), "auxk": auxk.detach()})
 
     @torch.no_grad()
     def track_firing(self, idx: torch.Tensor, val: torch.Tensor, n_tokens: int) -> None:
@@ -262,17 +297,19 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def init_b_dec(self, x: torch.Tensor) -> None:
-        self.b_dec.copy_(x.mean(0))
+        if self.cfg.b_dec:
+            self.b_dec.copy_(x.mean(0))
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
-        if self.W_dec.grad is not None:
+        if self.W_dec.grad is not None and self.cfg.unit_norm:
             w = self.W_dec
             self.W_dec.grad -= (self.W_dec.grad * w).sum(1, keepdim=True) * w
 
     @torch.no_grad()
     def renorm_decoder(self) -> None:
-        self.W_dec.data = F.normalize(self.W_dec.data, dim=1)
+        if self.cfg.unit_norm:
+            self.W_dec.data = F.normalize(self.W_dec.data, dim=1)
 
     # ------------------------------------------------------------------ (de)serialisation
     def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -293,13 +330,17 @@ def default_dead_tokens(steps: int, batch_size: int) -> int:
     return min(10_000_000, max(batch_size, steps * batch_size // 10))
 
 
-OPTIMIZERS = ("signsgd-sf", "adam")
+OPTIMIZERS = ("signsgd-sf", "adam", "adam-reference")
 DEFAULT_OPTIMIZER = "signsgd-sf"
 
 
 def default_lr(n_latents: int, optimizer: str = DEFAULT_OPTIMIZER) -> float:
     """Learning rate scaled with 1/sqrt(dictionary size), as sparsify and dictionary_learning do:
-    5e-3 / sqrt(n/2^14) for schedule-free SignSGD (sparsify's default), 2e-4 / sqrt(n/2^14) for Adam."""
+    5e-3 / sqrt(n/2^14) for schedule-free SignSGD (sparsify's default), 2e-4 / sqrt(n/2^14) for Adam; the
+    reference's Adam, 1e-4 at any size (common/recipe.py)."""
+    if optimizer == "adam-reference":
+        from .recipe import LR
+        return LR
     base = 5e-3 if optimizer == "signsgd-sf" else 2e-4
     return base / math.sqrt(n_latents / 2 ** 14)
 
@@ -338,7 +379,8 @@ def train_sae(sae: TopKSAE, train_x, select_x: torch.Tensor, steps: int, batch_s
 
     res = fit(sae, rows.n, batch_size, steps, lr, step_loss, evaluate, eval_every, seed, desc,
               before_step=sae.remove_parallel_grad, after_step=sae.renorm_decoder, optimizer=optimizer,
-              eval_transform=sae.renorm_decoder, ckpt=ckpt, tag=tag, shuffle=rows.shuffle)
+              eval_transform=sae.renorm_decoder if sae.cfg.unit_norm else None, ckpt=ckpt, tag=tag,
+              shuffle=rows.shuffle)
     rows.release()                                      # the block cache: not needed after training
     return res
 

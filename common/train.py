@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from . import dist
+from . import dist, recipe
 from .cli import STATE_DIR, Interrupted, UserError, run_args
 from .sparse import release_table_buffers
 from .rows import epoch_order
@@ -45,12 +45,12 @@ def lr_factor(step: int, total: int, warmup_frac: float = 0.05, decay_frac: floa
     return f
 
 
-def make_adam(params, lr: float) -> torch.optim.Optimizer:
+def make_adam(params, lr: float, **kw) -> torch.optim.Optimizer:
     params = list(params)
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return torch.optim.Adam(params, lr=lr, fused=True, **kw)
     except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, **kw)
 
 
 @dataclass
@@ -244,9 +244,13 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
         opt = ScheduleFreeSignSGD(params, lr)
     elif optimizer == "adam":
         opt = make_adam(params, lr)
+    elif optimizer == "adam-reference":
+        opt = make_adam(params, lr, betas=recipe.ADAM_BETAS, eps=recipe.ADAM_EPS)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}")
     schedule_free = optimizer == "signsgd-sf"
+    factor = recipe.lr_factor if optimizer == "adam-reference" else lr_factor   # the reference's LinearLR
+    clip = recipe.GRAD_CLIP if optimizer == "adam-reference" else None          # and its gradient clipping
     gen = torch.Generator().manual_seed(seed)
     perm, pos = epoch_order(n_train, gen, shuffle), 0
     res = FitResult(steps=steps)
@@ -305,13 +309,15 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
             if world > 1:
                 idx = idx[rank::world]                  # this rank's share of it
             for g in opt.param_groups:
-                g["lr"] = lr if schedule_free else lr * lr_factor(step, steps)
+                g["lr"] = lr if schedule_free else lr * factor(step, steps)
             model.train()
             loss, logs = run_step(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if before_step is not None:
                 before_step()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
             if after_step is not None:
                 after_step()

@@ -106,20 +106,26 @@ def test_streamed_error_covariance_equals_torch_cov():
 
 
 def test_random_baselines_are_drawn_in_report_order():
-    """The lazy stream of part6 replacements gives the same names, order and draws as drawing them all first."""
+    """The lazy stream of part6 replacements gives the same names, order and draws as drawing them all first, each
+    variant's two baselines from its own generator (seeded by the seed and its name, not by what else is spliced)."""
     import part6_kl_divergence as p6
     g = torch.Generator().manual_seed(0)
     h = torch.randn(30, 5, generator=g)
     recs = {"v": h * 0.5, "w[zero_ablation]": torch.zeros_like(h), "u": h + 1}
     chol = {"v": torch.eye(5), "u": 2 * torch.eye(5)}
-    got = list(p6.replacement_stream(h, recs, chol, torch.Generator().manual_seed(3)))
-    g2 = torch.Generator().manual_seed(3)
+    got = list(p6.replacement_stream(h, recs, chol, {n: p6.baseline_generator(3, n) for n in chol}))
     want = [("original", None), ("identity", h), *recs.items()]
     for name in ("v", "u"):
+        g2 = p6.baseline_generator(3, name)
         want += [(f"eps_random[{name}]", p6.random_error(h, recs[name], None, g2)),
                  (f"cov_random[{name}]", p6.random_error(h, recs[name], chol[name], g2))]
     assert [n for n, _ in got] == [n for n, _ in want]
     assert all((a is None and b is None) or torch.equal(a, b) for (_, a), (_, b) in zip(got, want))
+    assert not torch.equal(got[-1][1], got[-3][1])                      # u and v draw different noise
+    assert p6.report_order(["original", "identity", "a", "zero_ablation", "eps_random[a]", "cov_random[a]", "b",
+                            "cov_random[b]", "eps_random[b]"]) == [
+        "original", "identity", "a", "b", "zero_ablation", "eps_random[a]", "cov_random[a]", "eps_random[b]",
+        "cov_random[b]"]
 
 
 def test_joint_paths_sum_to_full_output():
@@ -226,6 +232,31 @@ def test_part6_splices_the_control_ladder_and_a_kl_adapter(evaluations):
     assert budget["steps"] == 60 and budget["tokens_seen"] > 0
     # trained on KL from the SAE alone (its zero init), it moves the held-out test documents' KL down
     assert v["sae+kl_adapter"]["kl"] < v["sae"]["kl"]
+
+
+def test_part6_families_are_independent(evaluations, tmp_path):
+    """part6 splices one model family at a time and draws each variant's baselines from its own generator, so
+    every row is the same bytes with or without other families beside it (the NFM and one control without the
+    joint model); and every LM batch counts, whatever the batch size (the SAE alone at 3 sequences a batch)."""
+    out = evaluations
+    common = ["--sae", str(out / "p1"), "--docs", "40", "--n-boot", "200", "--cov-tokens", "4000",
+              "--cache-dir", str(out / "cache"), "--kl-adapter-steps", "0"]
+    run_script("part6_kl_divergence.py", *common, "--nfm", "", "--joint", "", "--lm-batch-size", "3",
+               "--out", str(tmp_path / "alone"))
+    run_script("part6_kl_divergence.py", *common, "--nfm", str(out / "p2"), "--controls", "mlp_on_code",
+               "--joint", "", "--out", str(tmp_path / "nfm"))
+    full = json.loads((out / "p6" / "metrics.json").read_text())["variants"]
+    alone = json.loads((tmp_path / "alone" / "metrics.json").read_text())["variants"]
+    nfm = json.loads((tmp_path / "nfm" / "metrics.json").read_text())["variants"]
+    own = ("sae", "zero_ablation", "mean_ablation")
+    assert set(alone) == {"original", "identity", *own} | {f"{k}[{v}]" for v in own for k in ("eps_random", "cov_random")}
+    for name in ("sae", "zero_ablation", "mean_ablation"):   # every batch counts: 3 sequences a batch here, 32
+        assert alone[name]["kl"] == pytest.approx(full[name]["kl"], rel=1e-3, abs=1e-7), name   # in the full run
+        assert alone[name]["ce"] == pytest.approx(full[name]["ce"], rel=1e-5), name
+    assert "joint_full" in full and "joint_full" not in nfm and "sae+mlp_from_x" not in nfm
+    for name in ("sae", "eps_random[sae]", "cov_random[zero_ablation]", "sae+nfm", "sae+nfm_interaction[mean_ablation]",
+                 "cov_random[sae+nfm]", "sae+mlp_on_code", "eps_random[sae+mlp_on_code]"):
+        assert nfm[name]["kl"] == full[name]["kl"] and nfm[name]["ce"] == full[name]["ce"], name
 
 
 def test_part6_evaluates_only_test_half_documents(evaluations, tiny_demo):

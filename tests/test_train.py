@@ -46,3 +46,19 @@ def test_selection_and_test_halves_split_by_document_whatever_the_token_count():
     # without document indices: the first and second half of the rows
     (xs, ), (xt, ) = split_selection_test(x, None)
     assert xs[-1, 0] == 99 and xt[0, 0] == 100
+
+
+def test_normalized_halves_equal_normalising_first():
+    """Activations.normalized_halves splits the stored bfloat16 rows, releases them and normalises each half: the
+    same bytes as normalising every row first and splitting after (what the stages did), with less held at once."""
+    from common.data import Activations
+    from common.normalize import Normalizer
+    g = torch.Generator().manual_seed(0)
+    docs = torch.repeat_interleave(torch.arange(30), 7)
+    val = (torch.randn(210, 12, generator=g) * 3 + 1).bfloat16()
+    norm = Normalizer.fit(torch.randn(500, 12, generator=g) * 3 + 1, "zscore")
+    (want_sel,), (want_test,) = split_selection_test(norm.encode(val), docs)
+    acts = Activations(None, val, docs, {})
+    sel, test = acts.normalized_halves(norm.encode)
+    assert acts.val is None and sel.dtype == want_sel.dtype == torch.float32
+    assert torch.equal(sel, want_sel) and torch.equal(test, want_test) and sel.shape[0] + test.shape[0] == 210
