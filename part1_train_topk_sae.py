@@ -55,12 +55,14 @@ def build_parser():
     cli.add_training_args(p, None, "5e-3 / sqrt(n_latents / 2^14) for signsgd-sf, 2e-4 / sqrt(n_latents / 2^14) "
                                    "for adam: the sparsify / dictionary_learning scalings")
     cli.add_recipe_args(p)
+    cli.add_defect_args(p, "part1")
     cli.add_resume_args(p)
     return p
 
 
 def main(argv=None):
     args = cli.parse(build_parser(), argv)
+    cli.announce_defects(args.defects)
     dist.init(args)
     cli.seed_everything(args.seed)
     out = cli.prepare_out(args.out, args)
@@ -84,7 +86,8 @@ def main(argv=None):
     print(f"TopK SAE d={d} n_latents={cfg.n_latents} k={cfg.k}: {steps} steps of {args.batch_size} tokens "
           f"({x_train.n} training tokens), {args.optimizer} lr {lr:.2e}, recipe {args.recipe}")
     fitres = train_sae(sae, x_train, x_sel, steps, args.batch_size, lr,
-                       cli.eval_every(args, steps), args.seed, "train SAE", optimizer=args.optimizer, ckpt=ckpt)
+                       cli.eval_every(args, steps), args.seed, "train SAE", optimizer=args.optimizer, ckpt=ckpt,
+                       keep_latest="latest-as-best" in args.defects)
     if not dist.is_main():
         return                  # under torchrun, rank 0 evaluates and writes the results
 
@@ -105,6 +108,7 @@ def main(argv=None):
                   **cli.resume_record(args)},
         "data": acts.description,
         "recipe": recipe.describe(args.recipe),
+        "reference_defects": recipe.defects_record(args.defects),
         "held_out_documents": heldout_documents(acts.val_docs),
         "history": fitres.history,
     }

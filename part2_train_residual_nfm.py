@@ -66,12 +66,14 @@ def build_parser():
     b.add_argument("--baseline-k", type=int, default=None, help="TopK of the residual SAE (default: the SAE's k)")
     b.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples over documents (default: 1000)")
     cli.add_recipe_args(p)
+    cli.add_defect_args(p, "part2")
     cli.add_resume_args(p)
     return p
 
 
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part2")
+    cli.announce_defects(args.defects)
     control_names = controls.parse_controls(args.controls)
     dist.init(args)
     cli.seed_everything(args.seed)
@@ -111,7 +113,7 @@ def main(argv=None):
           f"parameters, {steps} steps of {args.batch_size} tokens, recipe {args.recipe}")
     t_nfm = time.time()
     fitres = train_nfm(nfm, train, sel, steps, args.batch_size, args.lr, cli.eval_every(args, steps), args.seed, ckpt=ckpt,
-                       optimizer=optimizer)
+                       optimizer=optimizer, keep_latest="latest-as-best" in args.defects)
     timing["nfm_train_seconds"] = time.time() - t_nfm
 
     r_test = test[2]
@@ -150,6 +152,7 @@ def main(argv=None):
                   **cli.resume_record(args)},
         "data": acts.description,
         "recipe": recipe.describe(args.recipe),
+        "reference_defects": recipe.defects_record(args.defects),
         "history": fitres.history,
     }
     sae_ref = checkpoint.parent_ref(sae_cfg)
@@ -259,7 +262,8 @@ def train_control(name, args, nfm, sae, data, out, sae_ref, data_desc, ckpt) -> 
         sel_ins = controls.inputs(model, x_sel, data["idx"][0], data["val"][0])
         res = controls.train_regressor(model, ins, None, sel_ins, r_sel, steps, args.batch_size, args.lr,
                                        cli.eval_every(args, steps), args.seed, f"train {name} (control)", ckpt=ckpt,
-                                       tag=name, optimizer="adam-reference" if args.recipe == "reference" else "adam")
+                                       tag=name, optimizer="adam-reference" if args.recipe == "reference" else "adam",
+                                       keep_latest="latest-as-best" in args.defects)
         record.update(hidden=hidden, steps=steps, best_step=res.best_step, lr=args.lr)
     pred = controls.predict(model, controls.inputs(model, x_te, data["idx"][1], data["val"][1]))
     record["params"] = controls.n_params(model)
@@ -282,7 +286,7 @@ def residual_sae_control(args, nfm, sae, r_train, r_held, out, sae_ref, data_des
     ctl.to(module_device(nfm))
     fitres = train_sae(ctl, r_train, r_sel, steps, args.batch_size, default_lr(n_latents),
                        cli.eval_every(args, steps), args.seed, "train residual SAE (control)", ckpt=ckpt,
-                       tag="residual_sae")
+                       tag="residual_sae", keep_latest="latest-as-best" in args.defects)
     r_hat = reconstruct_all(ctl, r_test)
     n_ctl = sum(p.numel() for p in ctl.parameters())
     if dist.is_main():

@@ -61,6 +61,7 @@ def build_parser():
     cli.add_training_args(p, None, "5e-3 / sqrt(n_latents / 2^14) for signsgd-sf, 2e-4 / sqrt(n_latents / 2^14) for adam")
     cli.add_precompute_arg(p)
     cli.add_recipe_args(p)
+    cli.add_defect_args(p, "part3")
     cli.add_resume_args(p)
     return p
 
@@ -85,6 +86,7 @@ def nfm_with_hidden(nfm: NFM, idx, val, u) -> torch.Tensor:
 
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part3")
+    cli.announce_defects(args.defects)
     cli.seed_everything(args.seed)
     out = cli.prepare_out(args.out, args)
     ckpt = TrainCheckpoints(out, args)
@@ -127,7 +129,7 @@ def main(argv=None):
     print(f"secondary TopK SAE on the {what}: n_latents={cfg.n_latents} k={cfg.k}, {steps} steps, recipe {args.recipe}")
     fitres = train_sae(sec, u_train.map(unorm.encode), u_sel, steps, args.batch_size, lr,
                        cli.eval_every(args, steps), args.seed, "train secondary SAE", optimizer=args.optimizer,
-                       ckpt=ckpt)
+                       ckpt=ckpt, keep_latest="latest-as-best" in args.defects)
 
     test = recon_stats(sec, u_test, norm=unorm, with_density=True)
     firing = test.pop("firing_rate")
@@ -155,6 +157,7 @@ def main(argv=None):
                   "train_tokens": int(u_train.n), "seconds": time.time() - t0, **cli.resume_record(args)},
         "history": fitres.history,
         "recipe": recipe.describe(args.recipe),
+        "reference_defects": recipe.defects_record(args.defects),
     }
     checkpoint.save(out, "secondary_sae", {**sec.tensors(), **unorm.tensors()}, {
         "hparams": sec.hparams(), "normalize": args.normalize,

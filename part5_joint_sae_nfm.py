@@ -73,6 +73,7 @@ def build_parser():
                    help="a trained standalone SAE to compare against instead of training the parameter-matched one")
     b.add_argument("--sae", default=None, metavar="DIR", help="also report this part1 SAE on the same held-out tokens")
     cli.add_recipe_args(p)
+    cli.add_defect_args(p, "part5")
     cli.add_resume_args(p)
     return p
 
@@ -155,7 +156,7 @@ def train_joint(args, out: Path, ckpt, x_train, x_sel, x_test, norm, device, ste
                  args.seed, "train joint SAE+PolySAE" if poly else "train joint SAE+NFM",
                  before_step=model.sae.remove_parallel_grad,
                  after_step=model.after_step if poly else model.sae.renorm_decoder, ckpt=ckpt, tag="joint",
-                 shuffle=x_train.shuffle, optimizer=optimizer)
+                 shuffle=x_train.shuffle, optimizer=optimizer, keep_latest="latest-as-best" in args.defects)
     x_train.release()
 
     # held-out report: every variant; a removed NFM path is mean-ablated (its training mean, saved with the
@@ -185,6 +186,7 @@ def train_joint(args, out: Path, ckpt, x_train, x_sel, x_test, norm, device, ste
 
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part5")
+    cli.announce_defects(args.defects)
     dist.init(args)
     cli.seed_everything(args.seed)
     out = cli.prepare_out(args.out, args)
@@ -220,7 +222,7 @@ def main(argv=None):
         # the same optimizer (Adam) and schedule as the joint model, so the comparison is about the model
         bres = train_sae(base, x_train, x_sel, steps, args.batch_size, args.lr or default_lr(n_b, optimizer_of(args)),
                          cli.eval_every(args, steps), args.seed, "train parameter-matched SAE",
-                         optimizer=optimizer_of(args), ckpt=ckpt, tag="baseline_sae")
+                         optimizer=optimizer_of(args), ckpt=ckpt, tag="baseline_sae", keep_latest="latest-as-best" in args.defects)
         base_path = str(out / "baseline_sae")
         if dist.is_main():
             checkpoint.save(out / "baseline_sae", "sae", {**base.tensors(), **norm.tensors(), "init.sq_norm": base_init_sq}, {
@@ -250,7 +252,8 @@ def main(argv=None):
                               "it; relative FVU reduction = 1 - FVU(joint, all paths) / FVU(other); the 'own SAE "
                               "path' comparison (the reference's 41%) uses the mean-ablated SAE path",
                "train": {**j["train_record"], "seconds": time.time() - t0},
-               "data": acts.description, "history": fitres.history, "recipe": recipe.describe(args.recipe)}
+               "data": acts.description, "history": fitres.history, "recipe": recipe.describe(args.recipe),
+               "reference_defects": recipe.defects_record(args.defects)}
     checkpoint.save_config(out, "joint", {"hparams": j["hparams"], "normalize": args.normalize, "data": acts.description,
                                           "seed": args.seed, "parents": {}, "train": j["train_record"],
                                           "recipe": recipe.describe(args.recipe)}, j["digest"])

@@ -26,6 +26,11 @@ Per variant: KL(P_orig || P_spliced) per token, CE and delta-CE, CE-loss score a
 (CE_zero - CE_v) / (CE_zero - CE_orig), ratios of KL to both baselines. Confidence intervals by bootstrap
 over documents; paired comparisons (same tokens) by bootstrap and a paired t-test over documents.
 
+The original study's evaluation defects, as switches for its ladder (--defects, common/recipe.py; announced and
+recorded in metrics.json): splice-offset (read and write the residual after L+1 blocks, the reference's hook on
+model.layers[L]; 'identity' then writes layer L's own activation there, so its KL measures the offset alone),
+raw-activations (models read and write un-normalised activations).
+
 Memory: the models are spliced one family at a time (the SAE with its NFM and the KL adapter, then each control,
 the joint model, its parameter-matched SAE, the PolySAE), each loaded, run over every document and freed; only
 the primary SAE stays loaded. Each variant's baselines come from its own generator, seeded by --seed and the
@@ -41,6 +46,7 @@ Writes to --out: metrics.json, kl.csv, kl_bars.png, kl_histograms.png.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import time
 import zlib
@@ -50,16 +56,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common import cli, controls, plots
+from common import cli, controls, plots, recipe
 from common.data import (DataSpec, batch_sequences, cached_activations, iter_test_half_sequences, keep_mask,
                          model_fingerprint)
-from common.hooks import splice
+from common.hooks import n_layers, splice
 from common.controls import CONTROLS
 from common.joint import load_joint_checkpoint, variants
 from common.kl_adapter import train_kl_adapter
 from common.models import load_model, resolve_model_path
 from common.nfm import PATHS, combine_paths, load_nfm_checkpoint
 from common.loading import load_sae_checkpoint
+from common.normalize import Normalizer
 from common.stats import paired_difference, ratio_of_sums_ci
 
 # (a, b): a vs b on the same tokens. '[mean_ablation]': the removed NFM path replaced by its mean output on
@@ -98,6 +105,7 @@ def build_parser():
                         "(default: 100; the paper preset 2000)")
     p.add_argument("--kl-adapter-batch", type=int, default=8, help="training sequences per adapter step (default: 8)")
     p.add_argument("--kl-adapter-lr", type=float, default=1e-4, help="Adam learning rate of the adapter (default: 1e-4)")
+    cli.add_defect_args(p, "part6")
     p.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / "checkpoints" / "activation_cache"),
                    help="activation cache used for the training-set statistics (default: checkpoints/activation_cache)")
     return p
@@ -197,12 +205,13 @@ def baseline_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def replacement_stream(h_keep: torch.Tensor, recs: dict, chol: dict, gens: dict):
-    """(name, replacement of the kept positions) in report order: the original (None), identity, each variant,
-    then each variant's two random baselines (eps, then cov, from gens[variant]), drawn only when their turn comes
-    (at batch 32 and d 3,200 the ~50 baselines held at once were 2.6 GB)."""
+def replacement_stream(h_keep: torch.Tensor, recs: dict, chol: dict, gens: dict, identity: torch.Tensor | None = None):
+    """(name, replacement of the kept positions) in report order: the original (None), identity (h_keep itself, or
+    `identity`: under --defects splice-offset the training layer's activation), each variant, then each variant's
+    two random baselines (eps, then cov, from gens[variant]), drawn only when their turn comes (at batch 32 and
+    d 3,200 the ~50 baselines held at once were 2.6 GB)."""
     yield "original", None
-    yield "identity", h_keep
+    yield "identity", h_keep if identity is None else identity
     yield from recs.items()
     for name, rec in recs.items():
         if name.endswith("[zero_ablation]"):
@@ -276,9 +285,12 @@ class Families:
                                 f"{self.spec.layer} like --sae {self.args.sae}; pass models of the same layer")
 
 
-def spliceable(sae, norm, kl_adapter, models: dict, device) -> Spliceable:
+def spliceable(sae, norm, kl_adapter, models: dict, device, raw: bool = False) -> Spliceable:
     """A Spliceable of the resident SAE (and, for the first family, the KL adapter) plus one family's models,
-    moved to the device."""
+    moved to the device. raw (--defects raw-activations): every model reads and writes un-normalised activations."""
+    if raw:
+        models = {k: (identity_normalizer(norm) if k.endswith("_norm") and v is not None else v) for k, v in models.items()}
+        norm = identity_normalizer(norm)
     for k, m in models.items():
         if k == "ctls":
             for c in m.values():
@@ -294,6 +306,12 @@ def spliceable(sae, norm, kl_adapter, models: dict, device) -> Spliceable:
     return sp
 
 
+def identity_normalizer(like: Normalizer) -> Normalizer:
+    """A normaliser that changes nothing (the reference fed raw activations to its models, §1.4)."""
+    d = like.shift.numel()
+    return Normalizer(torch.zeros(d, device=like.shift.device), torch.ones(d, device=like.shift.device), "none")
+
+
 class Tally:
     """Per-document sums of KL and CE per variant, token counts per document, and up to 50,000 per-token KLs per
     variant for the histograms."""
@@ -306,9 +324,12 @@ class Tally:
 
 
 def splice_pass(model, tok, spec, sp: Spliceable, mean_act, chol: dict, gens: dict, args, tally: Tally,
-                desc: str) -> None:
+                desc: str, site: int | None = None) -> None:
     """One pass over the held-out test-half documents: the original forward, then each of sp's variants not yet
-    in the tally (and their baselines) spliced in; the first pass also counts the tokens."""
+    in the tally (and their baselines) spliced in; the first pass also counts the tokens. site: the layer read and
+    written (spec.layer; spec.layer + 1 under --defects splice-offset, where 'identity' writes spec.layer's
+    activation)."""
+    site = spec.layer if site is None else site
     device = next(model.parameters()).device
     done = frozenset(tally.sums)                                    # evaluated by an earlier family
     first = not done
@@ -328,13 +349,14 @@ def splice_pass(model, tok, spec, sp: Spliceable, mean_act, chol: dict, gens: di
         ce_pos = keep & has_next                                                # positions that predict a real token
         box = {}
 
-        def capture(h):
-            box["h"] = h
+        def capture(h, key="h"):
+            box[key] = h
             return h
 
-        with torch.no_grad(), splice(model, spec.layer, capture):
+        with torch.no_grad(), splice(model, site, capture), splice(model, spec.layer, lambda h: capture(h, "train")):
             logp_o = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-        h_keep = box["h"][keep].float()                                         # [n_kept, d]
+        h_keep = box["h"][keep].float()                                         # [n_kept, d], at the splice site
+        identity = box["train"][keep].float() if site != spec.layer else None
         recs = {k: v for k, v in {**sp.reconstructions(h_keep), **ablations(h_keep, mean_act)}.items()
                 if k not in done}
         nxt = torch.zeros_like(ids)
@@ -345,7 +367,7 @@ def splice_pass(model, tok, spec, sp: Spliceable, mean_act, chol: dict, gens: di
             tally.doc_ids[docs.numpy()] = [b[2] for b in batch]
             np.add.at(tally.n_kl, kept_docs, 1)
             np.add.at(tally.n_ce, ce_docs, 1)
-        for name, new in replacement_stream(h_keep, recs, chol, gens):
+        for name, new in replacement_stream(h_keep, recs, chol, gens, identity):
             if not first and name in ("original", "identity"):
                 continue
             if new is None:
@@ -355,7 +377,7 @@ def splice_pass(model, tok, spec, sp: Spliceable, mean_act, chol: dict, gens: di
                     h = h.clone()
                     h[keep] = new.to(h.dtype)
                     return h
-                with torch.no_grad(), splice(model, spec.layer, fn):
+                with torch.no_grad(), splice(model, site, fn):
                     logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
             kl = (logp_o.exp() * (logp_o - logp)).sum(-1)                       # [batch, pos]
             ce = -logp.gather(-1, nxt[..., None]).squeeze(-1)
@@ -371,6 +393,8 @@ def splice_pass(model, tok, spec, sp: Spliceable, mean_act, chol: dict, gens: di
 
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part6")
+    cli.announce_defects(args.defects)
+    raw = "raw-activations" in args.defects
     cli.seed_everything(args.seed)
     out = cli.prepare_out(args.out, args)
     t0 = time.time()
@@ -385,12 +409,18 @@ def main(argv=None):
 
     model, tok, _ = load_model(spec.model, args.dtype, args.device)
     device = next(model.parameters()).device
+    site = spec.layer + (1 if "splice-offset" in args.defects else 0)      # the layer read and written
+    if site > n_layers(model):
+        raise cli.UserError(f"--defects splice-offset splices after block {site}, but {spec.model} has "
+                            f"{n_layers(model)} blocks; it needs a layer below the last")
+    site_spec = dataclasses.replace(spec, layer=site)
     sae.to(device).eval()
     norm.to(device)
     kl_adapter = kl_budget = None
     if args.kl_adapter_steps > 0:
-        kl_adapter, kl_budget = train_kl_adapter(model, tok, spec, sae, norm, args.kl_adapter_steps,
-                                                 args.kl_adapter_batch, args.kl_adapter_lr, args.seed)
+        kl_adapter, kl_budget = train_kl_adapter(model, tok, site_spec, sae, identity_normalizer(norm) if raw else norm,
+                                                 args.kl_adapter_steps, args.kl_adapter_batch, args.kl_adapter_lr,
+                                                 args.seed)
         kl_budget["nfm_params"] = families.meta.get("params[nfm]")
         kl_adapter.eval().requires_grad_(False)
     # the SAE's own training activations (same tokens, same stored precision) for the covariance baseline
@@ -402,11 +432,11 @@ def main(argv=None):
 
     tally = Tally(args.docs)
     for i, (family, load) in enumerate(families.loaders):
-        sp = spliceable(sae, norm, kl_adapter if i == 0 else None, load(), device)
+        sp = spliceable(sae, norm, kl_adapter if i == 0 else None, load(), device, raw)
         chol = covariance_factors(sp, x_train, mean_act, skip=frozenset(tally.sums))
         gens = {name: baseline_generator(args.seed, name) for name in chol}
         splice_pass(model, tok, spec, sp, mean_act, chol, gens, args, tally,
-                    f"KL/CE on held-out test-half documents ({family}, {i + 1}/{len(families.loaders)})")
+                    f"KL/CE on held-out test-half documents ({family}, {i + 1}/{len(families.loaders)})", site)
         del sp, chol
     n_kl, n_ce, doc_ids, kl_samples = tally.n_kl, tally.n_ce, tally.doc_ids, tally.kl_samples
     sums = {name: tally.sums[name] for name in report_order(tally.sums)}
@@ -445,6 +475,7 @@ def main(argv=None):
                "controls": {name: {"params": families.meta[f"params[{name}]"], "checkpoint": str(Path(args.nfm) / (
                    name if name == "residual_sae" else f"controls/{name}"))} for name in families.control_names},
                "kl_adapter": kl_budget,
+               "reference_defects": recipe.defects_record(args.defects), "splice_layer": site,
                "definitions": __doc__.split("Demo")[0].strip(), "seconds": time.time() - t0,
                "inputs": {"sae": args.sae, "nfm": args.nfm if families.has_nfm else None,
                           "joint": args.joint if families.has_joint else None, "poly": args.poly or None}}

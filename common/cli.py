@@ -181,6 +181,34 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="accept a parent checkpoint trained with another --recipe (default: refuse)")
 
 
+def add_defect_args(p: argparse.ArgumentParser, stage: str) -> None:
+    """--defects: the original study's evaluation defects that apply to this stage, as switches (common/recipe.py)."""
+    from .recipe import DEFECTS
+    ok = [n for n, (_, stages) in DEFECTS.items() if stage in stages]
+    p.add_argument("--defects", default="",
+                   help="reproduce the original study's evaluation defects, comma-separated, for its ladder "
+                        f"(reproduce_reference.py): {', '.join(ok)}; every figure is then flagged as such "
+                        "(default: none)")
+
+
+_ANNOUNCED: list[str] = []
+
+
+def announce_defects(names) -> None:
+    """Print the switches that are on, loudly, now and again beside the results (`report`)."""
+    from .recipe import DEFECTS
+    _ANNOUNCED[:] = list(names)
+    if names:
+        print(_defect_banner(DEFECTS), flush=True)
+
+
+def _defect_banner(defects: dict) -> str:
+    bar = "!" * 100
+    lines = [f"!!! REFERENCE DEFECT ON: {n}: {defects[n][0]}" for n in _ANNOUNCED]
+    return "\n".join([bar, *lines, "!!! the figures of this run reproduce the original study's defect(s); they are not "
+                      "this tool's", bar])
+
+
 def add_precompute_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precompute-mb", type=float, default=1024,
                    help="what this stage derives from each training row (codes, residuals, hidden layers) is computed "
@@ -210,6 +238,9 @@ def parse(p: argparse.ArgumentParser, argv=None, stage: str = "part1") -> argpar
         from .recipe import FLAG_DEFAULTS
         p.set_defaults(**{k: v for k, v in FLAG_DEFAULTS.get(stage, {}).items() if k in known})
     args = p.parse_args(argv)
+    if hasattr(args, "defects"):
+        from .recipe import parse_defects
+        args.defects = list(parse_defects(args.defects, stage))
     for name in ("train_tokens", "val_tokens", "seq_len", "lm_batch_size", "batch_size", "steps", "checkpoint_every",
                  "n_latents", "k", "nfm_dim", "nfm_hidden", "expansion", "docs", "top", "n_prompts", "n_examples",
                  "n_score"):
@@ -308,7 +339,10 @@ def _json_default(o):
 
 
 def report(out: Path, metrics_file: Path, pngs: list[Path]) -> None:
-    """Tell the user where the results are."""
+    """Tell the user where the results are (and, loudly, which reference defects were on)."""
+    if _ANNOUNCED:
+        from .recipe import DEFECTS
+        print("\n" + _defect_banner(DEFECTS))
     print(f"\nresults in {out}/")
     print(f"  metrics: {metrics_file}")
     for p in pngs:

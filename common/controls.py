@@ -229,7 +229,7 @@ def _pick_lambda(cxx, cxy, mx, my, scale: float, lambdas, x_sel, y_sel) -> tuple
 
 def train_regressor(model: nn.Module, ins, r: torch.Tensor | None, sel_ins: tuple, r_sel: torch.Tensor,
                     steps: int, batch_size: int, lr: float, eval_every: int, seed: int, desc: str, ckpt=None,
-                    tag: str = "control", optimizer: str = "adam"):
+                    tag: str = "control", optimizer: str = "adam", keep_latest: bool = False):
     """Fit model(*ins) to r by MSE with Adam (the NFM's optimizer and schedule: pass the NFM's `optimizer`);
     the best step by selection-half MSE.
     With r None, ins is a Rows whose gather gives (*ins, r) per batch (common/rows.py)."""
@@ -250,7 +250,7 @@ def train_regressor(model: nn.Module, ins, r: torch.Tensor | None, sel_ins: tupl
 
     torch.manual_seed(seed)
     res = fit(model, rows.n, batch_size, steps, lr, step_loss, evaluate, eval_every, seed, desc, ckpt=ckpt, tag=tag,
-              shuffle=rows.shuffle, optimizer=optimizer)
+              shuffle=rows.shuffle, optimizer=optimizer, keep_latest=keep_latest)
     rows.release()                                      # the block cache: not needed after training
     return res
 

@@ -591,6 +591,19 @@ class Activations:
 
 def get_activations(args, spec: DataSpec | None, width: int | None = None, lm: dict | None = None,
                     parent: dict | None = None, need_train: bool = True) -> Activations:
+    """Train rows (on disk) and held-out rows (in memory): `_get_activations`; under --defects token-split the
+    held-out rows are instead a random tenth of the training tokens (`token_split`)."""
+    acts = _get_activations(args, spec, width, lm, parent, need_train)
+    if need_train and "token-split" in getattr(args, "defects", ()):
+        tr, va = token_split(acts.train, args.val_tokens or DEFAULT_VAL_TOKENS, getattr(args, "seed", 0))
+        acts = Activations(tr, va, None, {**acts.description, "train_tokens": tr.n, "val_tokens": va.shape[0],
+                                          "split": "token-level: a random 10% of the training tokens held out "
+                                                   "(--defects token-split)"})
+    return acts
+
+
+def _get_activations(args, spec: DataSpec | None, width: int | None = None, lm: dict | None = None,
+                     parent: dict | None = None, need_train: bool = True) -> Activations:
     """Train rows (on disk) and held-out rows (in memory) from --activations files, or collected through the
     LM (cached). Training rows are never loaded whole: stages gather them per batch (common/rows.py).
 
@@ -634,6 +647,18 @@ def get_activations(args, spec: DataSpec | None, width: int | None = None, lm: d
             "train_tokens": tr.n if need_train else None, "val_tokens": va.shape[0],
             "activation_dtype": str(va.dtype).removeprefix("torch.")}
     return Activations(tr, va, vad, desc)
+
+
+def token_split(rows, n_val: int, seed: int):
+    """The reference's split (--defects token-split, original_study.md §2.3, §14.8): a random 10% of the training
+    tokens (at most n_val) held out, the rest trained on, so held-out tokens share documents and 128-token chunks
+    with training ones. (training Rows, held-out rows [m, d]); the held-out rows carry no document ids, so their
+    selection / test halves are the first and second half of them."""
+    from .rows import SubsetRows
+    held = torch.zeros(rows.n, dtype=torch.bool)
+    pick = torch.randperm(rows.n, generator=torch.Generator().manual_seed(seed))[:min(n_val, max(2, rows.n // 10))]
+    held[pick] = True
+    return SubsetRows(rows, (~held).nonzero()[:, 0]), rows.take(held.nonzero()[:, 0])
 
 
 def _blocks(args) -> tuple[int, int]:

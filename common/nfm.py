@@ -313,7 +313,7 @@ def hidden_all(nfm: NFM, idx: torch.Tensor, val: torch.Tensor, batch: int = 8192
 
 
 def train_nfm(nfm: NFM, train, sel: tuple, steps: int, batch_size: int, lr: float, eval_every: int, seed: int,
-              ckpt=None, tag: str = "nfm", optimizer: str = "adam"):
+              ckpt=None, tag: str = "nfm", optimizer: str = "adam", keep_latest: bool = False):
     """Fit NFM(f) to the residual r by MSE; select the best step on the selection split `sel`=(idx, val, r).
     train: (idx, val, r) tensors, or a Rows whose gather gives them per batch (part2 computes them from the frozen
     SAE per batch, common/rows.py)."""
@@ -337,6 +337,6 @@ def train_nfm(nfm: NFM, train, sel: tuple, steps: int, batch_size: int, lr: floa
 
     torch.manual_seed(seed)  # dropout masks
     res = fit(nfm, rows.n, batch_size, steps, lr, step_loss, evaluate, eval_every, seed, "train NFM",
-              ckpt=ckpt, tag=tag, shuffle=rows.shuffle, optimizer=optimizer)
+              ckpt=ckpt, tag=tag, shuffle=rows.shuffle, optimizer=optimizer, keep_latest=keep_latest)
     rows.release()                                      # the block cache: not needed after training
     return res

@@ -85,6 +85,39 @@ FLAG_DEFAULTS = {
 }
 
 
+# The reference's evaluation defects, each a switch (`--defects a,b` on the stages it applies to), off by default
+# and announced loudly (common/cli.py) and recorded in metrics.json whenever on: name -> (what it does, stages).
+DEFECTS = {
+    "splice-offset": ("splice one block downstream of the training layer: the models read and write the residual "
+                      "after L+1 blocks (the reference trained on hidden_states[16] and hooked model.layers[16], "
+                      "§1.2, §14.2); the 'identity' variant then writes the training layer's own activation there",
+                      ("part6",)),
+    "raw-activations": ("feed un-normalised activations to models trained on normalised ones and write their output "
+                        "back un-normalised (§1.4, §14.1)", ("part6",)),
+    "token-split": ("hold out a random 10% of the training tokens (same documents and chunks as the trained-on "
+                    "ones) instead of whole held-out documents; selection and test halves are the first and second "
+                    "half of those rows, and bootstrap CIs run over tokens (§2.3, §14.8)",
+                    ("part1", "part2", "part5")),
+    "latest-as-best": ("keep the latest training step as 'best' instead of the best on the selection half (§2.1, "
+                       "§14.13)", ("part1", "part2", "part3", "part5")),
+}
+
+
+def parse_defects(spec: str, stage: str) -> tuple[str, ...]:
+    """'' or a comma-separated list of DEFECTS that apply to `stage`, in DEFECTS' order."""
+    names = [s.strip() for s in (spec or "").split(",") if s.strip()]
+    bad = [n for n in names if n not in DEFECTS or stage not in DEFECTS[n][1]]
+    if bad:
+        ok = [n for n, (_, stages) in DEFECTS.items() if stage in stages]
+        raise UserError(f"--defects: {', '.join(bad)} does not apply to {stage}; choose from {', '.join(ok) or 'none'}")
+    return tuple(n for n in DEFECTS if n in names)
+
+
+def defects_record(names) -> list[dict]:
+    """What metrics.json records of the switches that are on."""
+    return [{"name": n, "what": DEFECTS[n][0]} for n in names]
+
+
 def lr_factor(step: int, total: int) -> float:
     """torch's LinearLR(start_factor=1.0, end_factor=0.1, total_iters=int(0.8 * total)) at 0-based `step`."""
     span = max(1, int(LR_DECAY_FRACTION * total))

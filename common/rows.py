@@ -193,6 +193,35 @@ class MappedRows(Rows):
         raise TypeError("MappedRows.load: map the loaded base rows instead (keeps the whole set out of memory)")
 
 
+class SubsetRows(Rows):
+    """base's rows at `index` [m], in that order (sorted, so a windowed batch still touches few blocks on disk):
+    the training rows left after the reference's token-level split (--defects token-split, common/data.py)."""
+
+    def __init__(self, base: Rows, index: torch.Tensor):
+        self.base, self.index = base, index
+        self.n, self.d, self.shuffle = int(index.numel()), base.d, base.shuffle
+
+    def gather(self, idx: torch.Tensor):
+        return self.base.gather(self.index[idx])
+
+    def take(self, idx: torch.Tensor):
+        return self.base.take(self.index[idx])
+
+    def read(self, start: int, stop: int):
+        return self.gather(torch.arange(start, stop))
+
+    def docs(self, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
+        d = self.base.docs()
+        return None if d is None else d[self.index[start:stop]]
+
+    def with_blocks(self, block_rows: int, mix: int) -> "SubsetRows":
+        self.base.with_blocks(block_rows, mix)
+        return super().with_blocks(block_rows, mix)
+
+    def release(self) -> None:
+        self.base.release()
+
+
 # ---------------------------------------------------------------------------------------- safetensors files
 
 def read_header(path: str | Path) -> tuple[dict, int]:

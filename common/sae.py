@@ -358,7 +358,7 @@ def reconstruct_all(sae: TopKSAE, x: torch.Tensor, batch: int = 4096) -> torch.T
 
 def train_sae(sae: TopKSAE, train_x, select_x: torch.Tensor, steps: int, batch_size: int,
               lr: float, eval_every: int, seed: int, desc: str, optimizer: str = DEFAULT_OPTIMIZER,
-              ckpt=None, tag: str = "sae"):
+              ckpt=None, tag: str = "sae", keep_latest: bool = False):
     """Train on normalised rows train_x (a tensor [n, d] or a Rows, common/rows.py: read per batch); select the
     best step by FVU on select_x. Returns FitResult. ckpt/tag: training state for --resume (TrainCheckpoints)."""
     from .metrics import recon_stats
@@ -380,7 +380,7 @@ def train_sae(sae: TopKSAE, train_x, select_x: torch.Tensor, steps: int, batch_s
     res = fit(sae, rows.n, batch_size, steps, lr, step_loss, evaluate, eval_every, seed, desc,
               before_step=sae.remove_parallel_grad, after_step=sae.renorm_decoder, optimizer=optimizer,
               eval_transform=sae.renorm_decoder if sae.cfg.unit_norm else None, ckpt=ckpt, tag=tag,
-              shuffle=rows.shuffle)
+              shuffle=rows.shuffle, keep_latest=keep_latest)
     rows.release()                                      # the block cache: not needed after training
     return res
 

@@ -228,7 +228,7 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
         select_key: str = "val_loss", optimizer: str = "adam",
         eval_transform: Callable[[], None] | None = None,
         ckpt: TrainCheckpoints | None = None, tag: str = "model",
-        shuffle: tuple[int, int] | None = None) -> FitResult:
+        shuffle: tuple[int, int] | None = None, keep_latest: bool = False) -> FitResult:
     """Train `model` for `steps` minibatches of row indices; step_loss(idx) returns (loss, logs).
 
     optimizer "adam": Adam with the warm-up/decay schedule above; "signsgd-sf": schedule-free SignSGD
@@ -237,7 +237,9 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
     decoder rows back to unit norm); training continues from the untransformed weights.
     ckpt/tag: save the training state under ckpt.folder(tag) and, with --resume, start from the latest one.
     shuffle: (block_rows, mix) of rows read from disk (`Rows.shuffle`): each epoch's order is windowed so a
-    batch touches few blocks (common/rows.py epoch_order); None: a plain permutation of rows in memory."""
+    batch touches few blocks (common/rows.py epoch_order); None: a plain permutation of rows in memory.
+    keep_latest: the reference's defect (--defects latest-as-best): every evaluation replaces the kept state, so
+    the model returned is the last step's, whatever the selection half says."""
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "signsgd-sf":
         from .optim import ScheduleFreeSignSGD
@@ -359,7 +361,7 @@ def fit(model: torch.nn.Module, n_train: int, batch_size: int, steps: int, lr: f
                        **ev}
                 running = {}
                 res.history.append(row)
-                if ev[select_key] < res.best_val:
+                if ev[select_key] < res.best_val or keep_latest:
                     res.best_val, res.best_step = ev[select_key], step + 1
                     res.best_state = copy.deepcopy(model.state_dict())
                 bar.set_postfix({select_key: f"{ev[select_key]:.4f}", "best@": res.best_step})

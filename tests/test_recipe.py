@@ -125,9 +125,11 @@ def test_part1_reference_recipe_end_to_end(tiny_demo, tmp_path):
     out2 = tmp_path / "p1ref_b"
     run_script("part1_train_topk_sae.py", "--model", str(tiny_demo), "--dataset", str(tiny_demo / "corpus.txt"),
                "--layer", "1", "--n-latents", "128", "--k", "8", "--train-tokens", "12000", "--val-tokens", "3000",
-               "--steps", "3", "--cache-dir", str(tmp_path / "cache"), "--recipe", "reference", "--batch-size",
-               "256", "--out", str(out2))
-    assert json.loads((out2 / "metrics.json").read_text())["train"]["batch_size"] == 256
+               "--steps", "6", "--eval-every", "2", "--cache-dir", str(tmp_path / "cache"), "--recipe", "reference",
+               "--batch-size", "256", "--defects", "latest-as-best", "--out", str(out2))
+    m2 = json.loads((out2 / "metrics.json").read_text())
+    assert m2["train"]["batch_size"] == 256 and m2["train"]["best_step"] == 6
+    assert [d["name"] for d in m2["reference_defects"]] == ["latest-as-best"] and m["reference_defects"] == []
 
 
 def test_reference_nfm_init():
@@ -250,3 +252,84 @@ def test_seed_bimodality_against_a_direct_computation():
     assert row["spearman_rho"] == pytest.approx(-r["ratios"]["residual"]["spearman_rho"]) and row["spearman_rho"] < -0.5
     unit = seed_bimodality(torch.nn.functional.normalize(W, dim=1), W_lin, V)
     assert unit["all_unit_norm"] and unit["n_low"] == 0 and "spearman_rho" not in unit["ratios"]["nfm_total"]
+
+
+def test_latest_as_best_keeps_the_last_step():
+    """--defects latest-as-best (§14.13): the model returned is the last step's, though the selection half says
+    an earlier one was better (the same run without the switch keeps that one: tests/test_train.py)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1, bias=False)
+    evals = iter([3.0, 1.0, 2.0, 5.0])
+    weights = []
+
+    def evaluate():
+        weights.append(model.weight.item())
+        return {"val_loss": next(evals)}
+    res = fit(model, 8, 4, 8, 0.1, lambda i: ((model.weight - 10).pow(2).sum(), {}), evaluate, 2, 0, "t",
+              keep_latest=True)
+    assert res.best_step == 8 and model.weight.item() == weights[-1] != weights[1]
+
+
+def test_defect_switches_are_checked_per_stage():
+    from common.errors import UserError
+    assert recipe.parse_defects("", "part6") == () and recipe.parse_defects("raw-activations,splice-offset", "part6") == (
+        "splice-offset", "raw-activations")
+    with pytest.raises(UserError, match="does not apply to part1"):
+        recipe.parse_defects("splice-offset", "part1")
+    with pytest.raises(UserError, match="choose from"):
+        recipe.parse_defects("no-such-defect", "part6")
+
+
+def test_part6_splice_offset_and_raw_activation_switches(pipeline, tmp_path):
+    """part6 --defects splice-offset: the models read and write one block downstream, and 'identity' (the training
+    layer's own activation written there) is no longer KL 0; --defects raw-activations: the SAE reads raw
+    activations and its KL rises far above the normalised splice's. Both are announced and recorded."""
+    common = ["--sae", str(pipeline / "p1"), "--nfm", str(pipeline / "p2"), "--joint", "", "--controls", "none",
+              "--docs", "20", "--n-boot", "50", "--cov-tokens", "2000", "--kl-adapter-steps", "0",
+              "--cache-dir", str(pipeline / "cache")]
+    normal = tmp_path / "normal"
+    run_script("part6_kl_divergence.py", *common, "--out", str(normal))
+    off = run_script("part6_kl_divergence.py", *common, "--defects", "splice-offset", "--out", str(tmp_path / "off"))
+    raw = run_script("part6_kl_divergence.py", *common, "--defects", "raw-activations", "--out", str(tmp_path / "raw"))
+    vn, mo, mr = (json.loads((d / "metrics.json").read_text()) for d in (normal, tmp_path / "off", tmp_path / "raw"))
+    vn = vn["variants"]
+    assert vn["identity"]["kl"] < 1e-6 and mo["variants"]["identity"]["kl"] > 1e-3
+    assert mo["splice_layer"] == vn_layer(pipeline) + 1 and [d["name"] for d in mo["reference_defects"]] == ["splice-offset"]
+    assert mr["variants"]["identity"]["kl"] < 1e-6 and mr["variants"]["sae"]["kl"] > 3 * vn["sae"]["kl"]
+    for proc, name in ((off, "splice-offset"), (raw, "raw-activations")):
+        assert proc.stdout.count(f"REFERENCE DEFECT ON: {name}") == 2        # at the start and beside the results
+    bad = run_script("part6_kl_divergence.py", *common, "--defects", "latest-as-best", "--out", str(tmp_path / "bad"),
+                     check=False)
+    assert bad.returncode == 2 and "does not apply to part6" in bad.stderr
+
+
+def vn_layer(pipeline) -> int:
+    return json.loads((pipeline / "p1" / "config.json").read_text())["data"]["layer"]
+
+
+def test_token_split_holds_out_a_random_tenth_of_the_training_rows():
+    """--defects token-split (§14.8): the held-out rows are a random 10% of the training rows (capped), the
+    training rows the rest, disjoint, in order; the same seed gives the same split."""
+    from common.data import token_split
+    from common.rows import TensorRows
+    x = torch.arange(1000.0)[:, None].repeat(1, 3)
+    tr, va = token_split(TensorRows(x), 5000, seed=3)
+    assert va.shape[0] == 100 and tr.n == 900
+    held, kept = set(va[:, 0].long().tolist()), set(tr.load()[:, 0].long().tolist())
+    assert not held & kept and held | kept == set(range(1000))
+    assert torch.equal(tr.gather(torch.tensor([0, 899])), x[sorted(kept)][[0, -1]])
+    assert max(held) - min(held) > 500                                   # spread over the rows, not one block
+    tr2, va2 = token_split(TensorRows(x), 40, seed=3)
+    assert va2.shape[0] == 40 and torch.equal(token_split(TensorRows(x), 40, seed=3)[1], va2)
+
+
+def test_part1_token_split_switch(tiny_demo, tmp_path):
+    run_script("part1_train_topk_sae.py", "--model", str(tiny_demo), "--dataset", str(tiny_demo / "corpus.txt"),
+               "--layer", "1", "--n-latents", "64", "--k", "8", "--train-tokens", "8000", "--val-tokens", "3000",
+               "--steps", "4", "--cache-dir", str(tmp_path / "cache"), "--defects", "token-split",
+               "--out", str(tmp_path / "p1"))
+    m = json.loads((tmp_path / "p1" / "metrics.json").read_text())
+    n = m["train"]["train_tokens"]
+    assert m["data"]["split"].startswith("token-level") and m["data"]["val_tokens"] == (n + m["data"]["val_tokens"]) // 10
+    assert "first / second half" in m["held_out_documents"]["split"]
+    assert [d["name"] for d in m["reference_defects"]] == ["token-split"]
