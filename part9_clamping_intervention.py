@@ -52,12 +52,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common import cli, plots
+from common import cli, plots, recipe
 from common.data import batch_sequences, collect_sentences, keep_mask
 from common.hooks import splice
 from common.loading import load_model_path
 from common.models import load_model
-from common.stats import crossed_contrasts
+from common.stats import crossed_contrasts, reference_clamping_anova
 from common.stimuli import bucket_token_ids, load_stimuli, load_word_buckets
 
 ROOT = Path(__file__).resolve().parent
@@ -97,6 +97,7 @@ def build_parser():
     p.add_argument("--n-prompts", type=int, default=40,
                    help="prompts used, taken evenly from the cells' test halves (default: 40)")
     p.add_argument("--lm-batch-size", type=int, default=32, help="prompts per LM forward pass (default: 32)")
+    cli.add_defect_args(p, "part9")
     p.add_argument("--generate-tokens", type=int, default=20, help="tokens per continuation; 0 skips generation (default: 20)")
     return p
 
@@ -245,14 +246,17 @@ def null_features(freq: torch.Tensor, target: int, n: int) -> list[int]:
     return ranked[:n]
 
 
-def word_tests(changes: np.ndarray, cell_a, cell_b, levels_a, levels_b) -> dict:
-    """The crossed words x prompts tests of one clamp (changes [prompts, words]), or a note if nothing moved."""
+def word_tests(changes: np.ndarray, cell_a, cell_b, levels_a, levels_b, reference: bool = False) -> dict:
+    """The crossed words x prompts tests of one clamp (changes [prompts, words]), or a note if nothing moved;
+    reference (--defects pseudo-replicated-anova): also the original study's per-observation statistics."""
     res = {"max_abs_logit_change": float(np.abs(changes).max())}
     if np.allclose(changes, 0):
         res["note"] = "no logit changed (the feature is inactive on these prompts, or the multiplier is 1)"
         return res
     res.update({k: v for k, v in crossed_contrasts(changes, cell_a, cell_b, levels_a, levels_b).items()
                 if k in EFFECTS})
+    if reference:
+        res["reference_anova"] = reference_clamping_anova(changes, cell_a, cell_b, levels_a, levels_b)
     res["word_mean_change"] = changes.mean(0).tolist()
     res["cell_means"] = {f"{la}|{lb}": float(changes[:, (cell_a == la) & (cell_b == lb)].mean())
                          for la in levels_a for lb in levels_b}
@@ -278,6 +282,8 @@ def null_summary(target: dict, nulls: dict[int, dict]) -> dict:
 
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part9")
+    cli.announce_defects(args.defects)
+    pseudo = "pseudo-replicated-anova" in args.defects
     cli.seed_everything(args.seed)
     out = cli.prepare_out(args.out, args)
     t0 = time.time()
@@ -343,7 +349,7 @@ def main(argv=None):
     for name, feat, mode in jobs:
         for how, x in settings:
             label = f"{how}={x:g}"
-            res = word_tests(clamp_changes(feat, mode, how, x), cell_a, cell_b, *levels)
+            res = word_tests(clamp_changes(feat, mode, how, x), cell_a, cell_b, *levels, reference=pseudo)
             (null_results[name] if isinstance(name, int) else results[name])[label] = res
             bar.update(1)
             if name == "target" and args.generate_tokens > 0:
@@ -364,6 +370,7 @@ def main(argv=None):
                "null_features": {"features": nulls, "firing_frequency_target": float(freq[feature]),
                                  "firing_frequency_null": [float(freq[j]) for j in nulls],
                                  "specificity": specificity},
+               "reference_defects": recipe.defects_record(args.defects),
                "definitions": __doc__.split("Demo")[0].strip(), "seconds": time.time() - t0}
     cli.write_json(out / "metrics.json", metrics)
     rows = write_tables(out, results, null_results)
@@ -377,6 +384,13 @@ def main(argv=None):
     for r in rows:
         print(f"  {r[0]:22s} {r[1]:9s} interaction min F' {r[2]:7.2f}  p {r[3]:.3g} (by word {r[4]:.3g}, by prompt "
               f"{r[5]:.3g})  contrast {r[6]:+.5f} [{r[7]:+.5f}, {r[8]:+.5f}]")
+    if pseudo:
+        for name in ("target", "linear_path_control"):
+            for label, r in results[name].items():
+                if "reference_anova" in r:
+                    ra = r["reference_anova"]["A:B"]
+                    print(f"  {name:22s} {label:9s} REFERENCE (pseudo-replicated) interaction F({ra['df'][0]}, "
+                          f"{ra['df'][1]}) {ra['F']:7.2f}  p {ra['p']:.3g}  effect {ra['effect']:.5f}")
     for label, s in specificity.items():
         print(f"  target {label}: interaction min F' at the {s['percentile']:.0f}th percentile of {s['n_null']} null "
               f"features (empirical p {s['empirical_p']:.3g})")

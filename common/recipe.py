@@ -98,6 +98,11 @@ DEFECTS = {
                     "ones) instead of whole held-out documents; selection and test halves are the first and second "
                     "half of those rows, and bootstrap CIs run over tokens (§2.3, §14.8)",
                     ("part1", "part2", "part5")),
+    "pseudo-replicated-anova": ("test the clamping experiment as the reference did: every (prompt, word) value "
+                                "an independent observation, one-way ANOVAs of pooled values and an interaction F "
+                                "of position-paired differences (§10.3, §14.10; common/stats.py "
+                                "reference_clamping_anova), reported as the headline beside this tool's tests",
+                                ("part9",)),
     "latest-as-best": ("keep the latest training step as 'best' instead of the best on the selection half (§2.1, "
                        "§14.13)", ("part1", "part2", "part3", "part5")),
 }

@@ -353,3 +353,35 @@ def crossed_contrasts(Y, a, b, levels_a, levels_b, alpha: float = 0.05) -> dict:
     out["n_words_per_cell"] = counts.tolist()
     out["n_prompts"] = n_p
     return out
+
+
+def reference_clamping_anova(Y, a, b, levels_a, levels_b) -> dict:
+    """The original study's clamping statistics (part13, original_study.md §10.3), for --defects
+    pseudo-replicated-anova: every (prompt, word) value of Y [n_prompts, n_words] is one observation, listed
+    prompt by prompt. A's "F": a one-way ANOVA of all level-0 values against all level-1 values (B's likewise);
+    the "interaction F": within each level of A, the i-th value of the b0 cell paired with the i-th value of the
+    b1 cell by list position, and a one-way ANOVA of those differences between A's two levels, F(1, 2m - 2);
+    effects are absolute differences of cell means. It treats repeated measurements of the same words and prompts
+    as independent: tests/test_stats_design.py shows it rejects a true null far more often than its level."""
+    from scipy import stats as sps
+
+    Y = np.asarray(Y, float)
+    a, b = np.asarray(a), np.asarray(b)
+    obs = lambda m: Y[:, m].reshape(-1)                    # noqa: E731  prompt by prompt, the reference's order
+    cell = {(la, lb): obs((a == la) & (b == lb)) for la in levels_a for lb in levels_b}
+    out = {}
+    for term, levels, col in (("A", levels_a, a), ("B", levels_b, b)):
+        F, p = sps.f_oneway(obs(col == levels[0]), obs(col == levels[1]))
+        out[term] = {"F": float(F), "p": float(p),
+                     "effect": float(abs(obs(col == levels[0]).mean() - obs(col == levels[1]).mean()))}
+    diffs = []
+    for la in levels_a:
+        hi, lo = cell[(la, levels_b[0])], cell[(la, levels_b[1])]
+        m = min(len(hi), len(lo))                          # zip() in the reference: the shorter list decides
+        diffs.append(hi[:m] - lo[:m])
+    F, p = sps.f_oneway(*diffs)
+    m0 = {k: v.mean() for k, v in cell.items()}
+    out["A:B"] = {"F": float(F), "p": float(p), "df": [1, len(diffs[0]) + len(diffs[1]) - 2],
+                  "effect": float(abs((m0[(levels_a[0], levels_b[0])] - m0[(levels_a[0], levels_b[1])])
+                                      - (m0[(levels_a[1], levels_b[0])] - m0[(levels_a[1], levels_b[1])])))}
+    return out

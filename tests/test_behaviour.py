@@ -171,3 +171,22 @@ def test_part9_contrasts_use_the_declared_level_order():
     assert r["cell_means"]["formal|emotional"] > 0.9
     flipped = p9.word_tests(changes, a, b, ["casual", "formal"], ["emotional", "neutral"])
     assert flipped["A:B"]["estimate"] < -0.9                  # the order is the declared one, not a sorted one
+
+
+def test_part9_pseudo_replicated_anova_switch(behaviour, tmp_path):
+    """--defects pseudo-replicated-anova: the reference's per-observation statistics beside this tool's, on the
+    same changes (the by-hand check and its false-positive rate: tests/test_stats_design.py), announced and
+    recorded; the tool's own tests are unchanged by the switch."""
+    out = behaviour
+    proc = run_script("part9_clamping_intervention.py", "--sae", str(out / "p1"), "--nfm", str(out / "p2"),
+                      "--secondary", str(out / "p3"), "--part8", str(out / "p8"), "--multipliers", "4", "--n-prompts",
+                      "12", "--null-features", "0", "--generate-tokens", "0", "--defects", "pseudo-replicated-anova",
+                      "--out", str(tmp_path / "p9"))
+    m = json.loads((tmp_path / "p9" / "metrics.json").read_text())
+    ours = json.loads((out / "p9" / "metrics.json").read_text())["conditions"]["target"]["mult=4"]
+    r = m["conditions"]["target"]["mult=4"]
+    assert r["A:B"] == ours["A:B"] and set(r["reference_anova"]) == {"A", "B", "A:B"}
+    n_obs = 12 * len(r["word_mean_change"])
+    assert r["reference_anova"]["A:B"]["df"][1] <= n_obs // 2 - 2 and 0 <= r["reference_anova"]["A:B"]["p"] <= 1
+    assert [d["name"] for d in m["reference_defects"]] == ["pseudo-replicated-anova"]
+    assert proc.stdout.count("REFERENCE DEFECT ON: pseudo-replicated-anova") == 2 and "REFERENCE (pseudo-replicated)" in proc.stdout
