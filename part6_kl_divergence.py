@@ -67,7 +67,7 @@ from common.models import load_model, resolve_model_path
 from common.nfm import PATHS, combine_paths, load_nfm_checkpoint
 from common.loading import load_sae_checkpoint
 from common.normalize import Normalizer
-from common.stats import paired_difference, ratio_of_sums_ci
+from common.stats import paired_difference, ratio_of_sums_ci, reduction_and_share_ci
 
 # (a, b): a vs b on the same tokens. '[mean_ablation]': the removed NFM path replaced by its mean output on
 # training tokens (the headline); '[zero_ablation]': deleted (a labelled second figure).
@@ -155,7 +155,7 @@ class Spliceable:
 
 
 def covariance_factors(sp: Spliceable, x_train: torch.Tensor, mean_act: torch.Tensor,
-                       skip: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+                       skip: frozenset = frozenset(), second: str = "[zero_ablation]") -> dict[str, torch.Tensor]:
     """Cholesky factors of each variant's error covariance on training tokens (ablations included; names in skip,
     done by an earlier model family, left out). The errors are never kept: per variant a float64 sum and
     cross-product [d, d] of the errors, shifted by the first chunk's mean error so the subtraction below does not
@@ -165,7 +165,7 @@ def covariance_factors(sp: Spliceable, x_train: torch.Tensor, mean_act: torch.Te
         h = x_train[s:s + 4096]
         recs = {**sp.reconstructions(h), **ablations(h, mean_act)}
         for name, rec in recs.items():
-            if name.endswith("[zero_ablation]") or name in skip:        # second figures get no baselines
+            if name.endswith(second) or name in skip:                   # second figures get no baselines
                 continue
             e = (h - rec).double()                                      # [chunk, d]
             a = acc.setdefault(name, [e.mean(0), 0, 0.0, 0.0])
@@ -205,7 +205,8 @@ def baseline_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def replacement_stream(h_keep: torch.Tensor, recs: dict, chol: dict, gens: dict, identity: torch.Tensor | None = None):
+def replacement_stream(h_keep: torch.Tensor, recs: dict, chol: dict, gens: dict, identity: torch.Tensor | None = None,
+                       second: str = "[zero_ablation]"):
     """(name, replacement of the kept positions) in report order: the original (None), identity (h_keep itself, or
     `identity`: under --defects splice-offset the training layer's activation), each variant, then each variant's
     two random baselines (eps, then cov, from gens[variant]), drawn only when their turn comes (at batch 32 and
@@ -214,7 +215,7 @@ def replacement_stream(h_keep: torch.Tensor, recs: dict, chol: dict, gens: dict,
     yield "identity", h_keep if identity is None else identity
     yield from recs.items()
     for name, rec in recs.items():
-        if name.endswith("[zero_ablation]"):
+        if name.endswith(second):
             continue                                                            # a second figure: no baselines
         yield f"eps_random[{name}]", random_error(h_keep, rec, None, gens[name])
         yield f"cov_random[{name}]", random_error(h_keep, rec, chol[name], gens[name])
@@ -227,6 +228,43 @@ def report_order(names) -> list[str]:
     base = [n for n in names if not n.startswith(("eps_random[", "cov_random["))]
     base = [n for n in base if n not in WHOLE] + [n for n in WHOLE if n in base]
     return base + [f"{k}[{v}]" for v in base for k in ("eps_random", "cov_random") if f"{k}[{v}]" in names]
+
+
+def second_figure(args) -> str:
+    """The suffix of the variants reported as labelled second figures, without baselines: zero-ablated NFM paths,
+    or under --defects zero-ablation (the reference's headline) the mean-ablated ones."""
+    return "[mean_ablation]" if "zero-ablation" in args.defects else "[zero_ablation]"
+
+
+def headline(sums: dict, results: dict, ablation: str, n_boot: int, seed: int) -> dict:
+    """The figures reproduce_reference.py reads, per workflow (sequential: the SAE, SAE + NFM and each NFM path
+    alone; joint: its SAE path, all paths, the SAE path plus each NFM path), a removed NFM path removed by
+    `ablation` ("mean", or "zero" as the reference did): per-token KL with its CI; the KL reduction of all paths
+    against the SAE alone (the study's ~30% sequential, 51.6% joint), each path's, and the interaction path's
+    share of the full reduction (its 16.5%), with bootstrap CIs over documents; the SAE's KL over its
+    eps-random baseline (its "2.99x")."""
+    out = {"ablation": ablation}
+    for label, names in (("sequential", {"sae": "sae", "full": "sae+nfm", "linear": f"sae+nfm_linear[{ablation}_ablation]",
+                                         "interaction": f"sae+nfm_interaction[{ablation}_ablation]"}),
+                         ("joint", {"sae": f"joint_sae[{ablation}_ablation]", "full": "joint_full",
+                                    "linear": f"joint_sae+linear[{ablation}_ablation]",
+                                    "interaction": f"joint_sae+interaction[{ablation}_ablation]"})):
+        if not all(n in sums for n in names.values()):
+            continue
+        kl = {k: sums[n]["kl"] for k, n in names.items()}
+        lin = reduction_and_share_ci(kl["sae"], kl["full"], kl["linear"], n_boot, seed)
+        inter = reduction_and_share_ci(kl["sae"], kl["full"], kl["interaction"], n_boot, seed)
+        sae = results[names["sae"]]
+        out[label] = {"variants": names, **{f"kl_{k}": results[n]["kl"] for k, n in names.items()},
+                      **{f"kl_{k}_ci": results[n]["kl_ci"] for k, n in names.items()},
+                      "kl_reduction": inter["reduction_full"], "kl_reduction_ci": inter["reduction_full_ci"],
+                      "linear_path_kl_reduction": lin["reduction_part"], "linear_path_kl_reduction_ci": lin["reduction_part_ci"],
+                      "interaction_path_kl_reduction": inter["reduction_part"],
+                      "interaction_path_kl_reduction_ci": inter["reduction_part_ci"],
+                      "nonlinear_share": inter["share"], "nonlinear_share_ci": inter["share_ci"],
+                      "sae_kl_over_eps_random": sae.get("kl_ratio_to_eps_random"),
+                      "sae_kl_over_eps_random_ci": sae.get("kl_ratio_to_eps_random_ci")}
+    return out
 
 
 class Families:
@@ -367,7 +405,7 @@ def splice_pass(model, tok, spec, sp: Spliceable, mean_act, chol: dict, gens: di
             tally.doc_ids[docs.numpy()] = [b[2] for b in batch]
             np.add.at(tally.n_kl, kept_docs, 1)
             np.add.at(tally.n_ce, ce_docs, 1)
-        for name, new in replacement_stream(h_keep, recs, chol, gens, identity):
+        for name, new in replacement_stream(h_keep, recs, chol, gens, identity, second_figure(args)):
             if not first and name in ("original", "identity"):
                 continue
             if new is None:
@@ -433,7 +471,7 @@ def main(argv=None):
     tally = Tally(args.docs)
     for i, (family, load) in enumerate(families.loaders):
         sp = spliceable(sae, norm, kl_adapter if i == 0 else None, load(), device, raw)
-        chol = covariance_factors(sp, x_train, mean_act, skip=frozenset(tally.sums))
+        chol = covariance_factors(sp, x_train, mean_act, skip=frozenset(tally.sums), second=second_figure(args))
         gens = {name: baseline_generator(args.seed, name) for name in chol}
         splice_pass(model, tok, spec, sp, mean_act, chol, gens, args, tally,
                     f"KL/CE on held-out test-half documents ({family}, {i + 1}/{len(families.loaders)})", site)
@@ -464,10 +502,14 @@ def main(argv=None):
                 r[f"kl_ratio_to_{base_kind}"] = ratio[0]
                 r[f"kl_ratio_to_{base_kind}_ci"] = list(ratio[1:])
         results[name] = r
+    abl = "zero" if "zero-ablation" in args.defects else "mean"        # how a removed NFM path is removed
+    pairs = [(a.replace("[mean_ablation]", f"[{abl}_ablation]"), b.replace("[mean_ablation]", f"[{abl}_ablation]"))
+             for a, b in COMPARISONS]
     comparisons = {f"{a} vs {b}": {"kl": paired_difference(sums[a]["kl"], sums[b]["kl"], n_kl, args.n_boot, args.seed),
                                    "ce": paired_difference(sums[a]["ce"], sums[b]["ce"], n_ce, args.n_boot, args.seed)}
-                   for a, b in COMPARISONS if a in sums and b in sums}
-    metrics = {"stage": "part6_kl_divergence", "variants": results, "paired_comparisons": comparisons,
+                   for a, b in pairs if a in sums and b in sums}
+    head = headline(sums, results, abl, args.n_boot, args.seed)
+    metrics = {"stage": "part6_kl_divergence", "headline": head, "variants": results, "paired_comparisons": comparisons,
                "n_documents": n_docs, "n_tokens_kl": int(n_kl.sum()), "n_tokens_ce": int(n_ce.sum()),
                "layer": spec.layer, "model": spec.model, "dataset": spec.dataset,
                "split": "validation (held out by document), test half only (common/data.py heldout_half)",
@@ -500,6 +542,13 @@ def main(argv=None):
         r = results[v]
         print(f"  {v:24s} {r['kl']:.4f} [{r['kl_ci'][0]:.4f}, {r['kl_ci'][1]:.4f}] | {r['ce_loss_score']:+.3f} | "
               f"{r.get('kl_ratio_to_eps_random', float('nan')):.2f}")
+    for label in ("sequential", "joint"):
+        if label in head:
+            h = head[label]
+            print(f"  {label}: KL reduction against its SAE alone {h['kl_reduction']:+.1%} [{h['kl_reduction_ci'][0]:+.1%}, "
+                  f"{h['kl_reduction_ci'][1]:+.1%}]; linear path alone {h['linear_path_kl_reduction']:+.1%}, interaction "
+                  f"path alone {h['interaction_path_kl_reduction']:+.1%}, its share {h['nonlinear_share']:.1%} "
+                  f"({abl}-ablated paths)")
     cli.report(out, out / "metrics.json", [out / "kl.csv", *pngs])
 
 

@@ -103,6 +103,10 @@ DEFECTS = {
                                 "of position-paired differences (§10.3, §14.10; common/stats.py "
                                 "reference_clamping_anova), reported as the headline beside this tool's tests",
                                 ("part9",)),
+    "zero-ablation": ("remove an NFM path by deleting it (zero) rather than by its training mean: the headline "
+                      "figures, comparisons and random baselines use the '[zero_ablation]' variants, the mean-ablated "
+                      "ones become the labelled second figures (§7.1, the reference's 'SAE + linear' etc.)",
+                      ("part6",)),
     "latest-as-best": ("keep the latest training step as 'best' instead of the best on the selection half (§2.1, "
                        "§14.13)", ("part1", "part2", "part3", "part5")),
 }

@@ -385,3 +385,20 @@ def reference_clamping_anova(Y, a, b, levels_a, levels_b) -> dict:
                   "effect": float(abs((m0[(levels_a[0], levels_b[0])] - m0[(levels_a[0], levels_b[1])])
                                       - (m0[(levels_a[1], levels_b[0])] - m0[(levels_a[1], levels_b[1])])))}
     return out
+
+
+def reduction_and_share_ci(base, full, part, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """Per-document sums of one loss (e.g. KL) of three variants on the same tokens: the relative reduction of the
+    full model against the base, 1 - sum(full) / sum(base), that of a part (e.g. one path alone), and the part's
+    share of the full reduction, reduction(part) / reduction(full) (the original study's "the nonlinear component
+    alone achieved 16.5% of the total improvement"). 95% CIs by one bootstrap over documents for all three."""
+    base, full, part = (np.asarray(v, float) for v in (base, full, part))
+    b = _boot_indices(len(base), n_boot, seed)
+    den = np.maximum(base[b].sum(1), 1e-300)
+    r_full, r_part = 1 - full[b].sum(1) / den, 1 - part[b].sum(1) / den
+    share = r_part / np.where(r_full == 0, np.nan, r_full)
+    q = lambda v: [float(x) for x in np.nanquantile(v, [alpha / 2, 1 - alpha / 2])]   # noqa: E731
+    pf, pp = 1 - full.sum() / base.sum(), 1 - part.sum() / base.sum()
+    return {"reduction_full": float(pf), "reduction_full_ci": q(r_full), "reduction_part": float(pp),
+            "reduction_part_ci": q(r_part), "share": float(pp / pf) if pf != 0 else float("nan"),
+            "share_ci": q(share)}

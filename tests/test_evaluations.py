@@ -219,6 +219,34 @@ def test_part6_kl_variants_baselines_and_cis(evaluations):
         assert name in v and "kl_ratio_to_eps_random" not in v[name]
 
 
+def test_part6_headline_reductions_and_nonlinear_share(evaluations):
+    """The figures the reference ladder reads: KL reductions against the SAE alone (mean-ablated paths), each
+    path's, and the interaction path's share of the full reduction, for both workflows, from the variants' KLs."""
+    m = json.loads((evaluations / "p6" / "metrics.json").read_text())
+    v, h = m["variants"], m["headline"]
+    assert h["ablation"] == "mean"
+    for label, sae, full, inter in (("sequential", "sae", "sae+nfm", "sae+nfm_interaction[mean_ablation]"),
+                                    ("joint", "joint_sae[mean_ablation]", "joint_full", "joint_sae+interaction[mean_ablation]")):
+        b = h[label]
+        red, red_int = 1 - v[full]["kl"] / v[sae]["kl"], 1 - v[inter]["kl"] / v[sae]["kl"]
+        assert b["kl_reduction"] == pytest.approx(red, rel=1e-9) and b["interaction_path_kl_reduction"] == pytest.approx(red_int, rel=1e-9)
+        assert b["nonlinear_share"] == pytest.approx(red_int / red, rel=1e-9)
+        assert b["kl_reduction_ci"][0] <= b["kl_reduction"] <= b["kl_reduction_ci"][1]
+        assert b["sae_kl_over_eps_random"] == v[sae].get("kl_ratio_to_eps_random")
+
+
+def test_reduction_and_share_ci_closed_form():
+    from common.stats import reduction_and_share_ci
+    rng = np.random.default_rng(0)
+    base = rng.uniform(1, 2, 50)
+    full, part = base * rng.uniform(0.5, 0.7, 50), base * rng.uniform(0.85, 0.95, 50)
+    r = reduction_and_share_ci(base, full, part, n_boot=500)
+    assert r["reduction_full"] == pytest.approx(1 - full.sum() / base.sum())
+    assert r["share"] == pytest.approx((1 - part.sum() / base.sum()) / (1 - full.sum() / base.sum()))
+    for k in ("reduction_full", "reduction_part", "share"):
+        assert r[f"{k}_ci"][0] <= r[k] <= r[f"{k}_ci"][1], k
+
+
 def test_part6_splices_the_control_ladder_and_a_kl_adapter(evaluations):
     m = json.loads((evaluations / "p6" / "metrics.json").read_text())
     v, nfm_params = m["variants"], json.loads((evaluations / "p2" / "metrics.json").read_text())["params"]["total"]

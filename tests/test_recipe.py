@@ -283,7 +283,8 @@ def test_defect_switches_are_checked_per_stage():
 def test_part6_splice_offset_and_raw_activation_switches(pipeline, tmp_path):
     """part6 --defects splice-offset: the models read and write one block downstream, and 'identity' (the training
     layer's own activation written there) is no longer KL 0; --defects raw-activations: the SAE reads raw
-    activations and its KL rises far above the normalised splice's. Both are announced and recorded."""
+    activations and its KL rises far above the normalised splice's; --defects zero-ablation: the zero-ablated
+    path variants become the headline (baselines, comparisons). Each is announced and recorded."""
     common = ["--sae", str(pipeline / "p1"), "--nfm", str(pipeline / "p2"), "--joint", "", "--controls", "none",
               "--docs", "20", "--n-boot", "50", "--cov-tokens", "2000", "--kl-adapter-steps", "0",
               "--cache-dir", str(pipeline / "cache")]
@@ -291,6 +292,13 @@ def test_part6_splice_offset_and_raw_activation_switches(pipeline, tmp_path):
     run_script("part6_kl_divergence.py", *common, "--out", str(normal))
     off = run_script("part6_kl_divergence.py", *common, "--defects", "splice-offset", "--out", str(tmp_path / "off"))
     raw = run_script("part6_kl_divergence.py", *common, "--defects", "raw-activations", "--out", str(tmp_path / "raw"))
+    zero = run_script("part6_kl_divergence.py", *common, "--defects", "zero-ablation", "--out", str(tmp_path / "zero"))
+    mz = json.loads((tmp_path / "zero" / "metrics.json").read_text())
+    assert mz["headline"]["ablation"] == "zero" and "REFERENCE DEFECT ON: zero-ablation" in zero.stdout
+    assert mz["headline"]["sequential"]["kl_linear"] == mz["variants"]["sae+nfm_linear[zero_ablation]"]["kl"]
+    assert "kl_ratio_to_eps_random" in mz["variants"]["sae+nfm_linear[zero_ablation]"]          # now the headline
+    assert "kl_ratio_to_eps_random" not in mz["variants"]["sae+nfm_linear[mean_ablation]"]      # now second
+    assert "sae+nfm_linear[zero_ablation] vs sae" in mz["paired_comparisons"]
     vn, mo, mr = (json.loads((d / "metrics.json").read_text()) for d in (normal, tmp_path / "off", tmp_path / "raw"))
     vn = vn["variants"]
     assert vn["identity"]["kl"] < 1e-6 and mo["variants"]["identity"]["kl"] > 1e-3
