@@ -54,7 +54,7 @@ def build_parser():
                         "LinearLR 1.0 -> 0.1 over 80%% of the steps; --recipe reference) (default: %(default)s)")
     cli.add_training_args(p, None, "5e-3 / sqrt(n_latents / 2^14) for signsgd-sf, 2e-4 / sqrt(n_latents / 2^14) "
                                    "for adam: the sparsify / dictionary_learning scalings")
-    cli.add_recipe_args(p)
+    cli.add_recipe_args(p, parent=False)
     cli.add_defect_args(p, "part1")
     cli.add_resume_args(p)
     return p

@@ -72,7 +72,7 @@ def build_parser():
     b.add_argument("--baseline-sae", default=None, metavar="DIR",
                    help="a trained standalone SAE to compare against instead of training the parameter-matched one")
     b.add_argument("--sae", default=None, metavar="DIR", help="also report this part1 SAE on the same held-out tokens")
-    cli.add_recipe_args(p)
+    cli.add_recipe_args(p, parent=False)
     cli.add_defect_args(p, "part5")
     cli.add_resume_args(p)
     return p

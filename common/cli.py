@@ -167,8 +167,8 @@ def add_training_args(p: argparse.ArgumentParser, lr_default: float | None, lr_h
                    help="steps between evaluations on the held-out selection half (default: steps/20)")
 
 
-def add_recipe_args(p: argparse.ArgumentParser) -> None:
-    """--recipe / --allow-recipe-mix, for the stages that train (common/recipe.py)."""
+def add_recipe_args(p: argparse.ArgumentParser, parent: bool = True) -> None:
+    """--recipe, for the stages that train (common/recipe.py), and --allow-recipe-mix for those with a parent."""
     from .recipe import DEFAULT, RECIPES
     g = p.add_argument_group("recipe")
     g.add_argument("--recipe", choices=RECIPES, default=DEFAULT,
@@ -177,8 +177,9 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                         "clip 1.0, LinearLR 1.0 -> 0.1 over 80%% of the steps, its batch sizes, no AuxK, the NFM's "
                         "inits; common/recipe.py). It sets those flags' defaults; explicit flags still win "
                         "(default: %(default)s)")
-    g.add_argument("--allow-recipe-mix", action="store_true",
-                   help="accept a parent checkpoint trained with another --recipe (default: refuse)")
+    if parent:
+        g.add_argument("--allow-recipe-mix", action="store_true",
+                       help="accept a parent checkpoint trained with another --recipe (default: refuse)")
 
 
 def add_defect_args(p: argparse.ArgumentParser, stage: str) -> None:
