@@ -62,7 +62,6 @@ def build_parser():
 
 def main(argv=None):
     args = cli.parse(build_parser(), argv)
-    cli.announce_defects(args.defects)
     dist.init(args)
     cli.seed_everything(args.seed)
     out = cli.prepare_out(args.out, args)

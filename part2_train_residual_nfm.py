@@ -73,7 +73,6 @@ def build_parser():
 
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part2")
-    cli.announce_defects(args.defects)
     control_names = controls.parse_controls(args.controls)
     dist.init(args)
     cli.seed_everything(args.seed)

@@ -86,7 +86,6 @@ def nfm_with_hidden(nfm: NFM, idx, val, u) -> torch.Tensor:
 
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part3")
-    cli.announce_defects(args.defects)
     cli.seed_everything(args.seed)
     out = cli.prepare_out(args.out, args)
     ckpt = TrainCheckpoints(out, args)

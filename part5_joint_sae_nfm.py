@@ -186,7 +186,6 @@ def train_joint(args, out: Path, ckpt, x_train, x_sel, x_test, norm, device, ste
 
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part5")
-    cli.announce_defects(args.defects)
     dist.init(args)
     cli.seed_everything(args.seed)
     out = cli.prepare_out(args.out, args)

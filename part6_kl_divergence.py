@@ -431,7 +431,6 @@ def splice_pass(model, tok, spec, sp: Spliceable, mean_act, chol: dict, gens: di
 
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part6")
-    cli.announce_defects(args.defects)
     raw = "raw-activations" in args.defects
     cli.seed_everything(args.seed)
     out = cli.prepare_out(args.out, args)

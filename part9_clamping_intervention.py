@@ -282,7 +282,6 @@ def null_summary(target: dict, nulls: dict[int, dict]) -> dict:
 
 def main(argv=None):
     args = cli.parse(build_parser(), argv, stage="part9")
-    cli.announce_defects(args.defects)
     pseudo = "pseudo-replicated-anova" in args.defects
     cli.seed_everything(args.seed)
     out = cli.prepare_out(args.out, args)

@@ -242,6 +242,7 @@ def parse(p: argparse.ArgumentParser, argv=None, stage: str = "part1") -> argpar
     if hasattr(args, "defects"):
         from .recipe import parse_defects
         args.defects = list(parse_defects(args.defects, stage))
+        announce_defects(args.defects)          # every stage with switches announces them here, before any work
     for name in ("train_tokens", "val_tokens", "seq_len", "lm_batch_size", "batch_size", "steps", "checkpoint_every",
                  "n_latents", "k", "nfm_dim", "nfm_hidden", "expansion", "docs", "top", "n_prompts", "n_examples",
                  "n_score"):
