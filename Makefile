@@ -5,7 +5,7 @@
 PY := .venv/bin/python
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test validate setup clean demo-seeds
+.PHONY: demo test validate setup clean demo-seeds ladder
 setup: .venv/.installed
 
 .venv/.installed: requirements.txt
@@ -49,5 +49,9 @@ demo-seeds: .venv/.installed
 validate: .venv/.installed
 	$(PY) validate_planted_interactions.py --overwrite
 
+# the original study rung by rung, its defects fixed one at a time (README "Reproducing the original study")
+ladder: .venv/.installed
+	$(PY) reproduce_reference.py
+
 clean:
-	rm -rf $(STAGES) checkpoints/activation_cache checkpoints/seeds checkpoints/bench_stream_memory checkpoints/paper_rehearsal
+	rm -rf $(STAGES) checkpoints/activation_cache checkpoints/seeds checkpoints/bench_stream_memory checkpoints/paper_rehearsal checkpoints/reference_ladder

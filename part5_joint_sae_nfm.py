@@ -40,13 +40,15 @@ from pathlib import Path
 import torch
 
 from common import checkpoint, cli, dist, plots, recipe
-from common.data import DataSpec, get_activations
+from common.controls import per_document, row_errors
+from common.data import DataSpec, get_activations, split_selection_test
 from common.joint import VARIANTS, JointModel, path_outputs
 from common.metrics import ReconAccumulator, recon_stats
 from common.loading import load_sae_checkpoint
 from common.nfm import NFMConfig, combine_paths
 from common.poly import VARIANTS as POLY_VARIANTS, PolyConfig, PolyJointModel, joint_nfm_param_count, matched_ranks
 from common.normalize import MODES, Normalizer
+from common.stats import ratio_of_sums_ci
 from common.sae import (SAEConfig, TopKSAE, batch_codes, default_dead_tokens, default_lr, reconstruct_all, recipe_options,
                         train_sae)
 from common.train import TrainCheckpoints, fit
@@ -72,6 +74,7 @@ def build_parser():
     b.add_argument("--baseline-sae", default=None, metavar="DIR",
                    help="a trained standalone SAE to compare against instead of training the parameter-matched one")
     b.add_argument("--sae", default=None, metavar="DIR", help="also report this part1 SAE on the same held-out tokens")
+    b.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples over documents (default: 1000)")
     cli.add_recipe_args(p, parent=False)
     cli.add_defect_args(p, "part5")
     cli.add_resume_args(p)
@@ -105,6 +108,18 @@ def fvu_raw(norm: Normalizer, x_norm, x_hat_norm) -> float:
     acc = ReconAccumulator(x_norm.shape[1])
     acc.add(norm.decode(x_norm), norm.decode(x_hat_norm))
     return acc.result()["fvu"]
+
+
+def raw_errors(norm: Normalizer, x_norm, x_hat_norm) -> torch.Tensor:
+    """Squared error per row [n] in the LM's units (float64): what a bootstrap over documents resamples."""
+    return row_errors(norm.decode(x_norm), norm.decode(x_hat_norm))
+
+
+def relative_reduction(err: torch.Tensor, err_other: torch.Tensor, docs, n_boot: int, seed: int) -> tuple[float, list]:
+    """1 - FVU(model) / FVU(other) on the same rows (the total variance cancels) = 1 - sum err / sum err_other,
+    with a 95% bootstrap CI over documents (over rows when there are no document ids)."""
+    ratio, lo, hi = ratio_of_sums_ci(per_document(err, docs), per_document(err_other, docs), n_boot, seed)
+    return 1 - ratio, [1 - hi, 1 - lo]
 
 
 def train_joint(args, out: Path, ckpt, x_train, x_sel, x_test, norm, device, steps: int) -> dict:
@@ -164,11 +179,14 @@ def train_joint(args, out: Path, ckpt, x_train, x_sel, x_test, norm, device, ste
     inter = model.interaction_model                     # the NFM, or the PolySAE's interaction decoder
     inter.set_path_means(x_train.map(lambda x: batch_codes(model.sae, x)))   # at most 2^18 evenly spaced rows
     o = path_outputs(model, x_test)
-    fvu = {}
+    fvu, errors = {}, {}
     for name, paths in (POLY_VARIANTS if poly else VARIANTS).items():
         for how in ("mean", "zero"):
             key = name if name == "full" else f"{name}[{how}_ablation]"
-            fvu[key] = fvu_raw(norm, x_test, combine_paths(o, paths, inter, how))
+            x_hat = combine_paths(o, paths, inter, how)
+            fvu[key] = fvu_raw(norm, x_test, x_hat)
+            if key in ("full", "sae[mean_ablation]", "sae[zero_ablation]"):
+                errors[key] = raw_errors(norm, x_test, x_hat)   # [n_test]: the comparisons' bootstrap
     code_stats = recon_stats(model.sae, x_test)          # L0 / dead of the shared code (its FVU is the SAE path's)
     report = {"fvu": fvu, "l0": code_stats["l0"], "dead_fraction": code_stats["dead_fraction"],
               "n_tokens": int(x_test.shape[0])}
@@ -180,7 +198,7 @@ def train_joint(args, out: Path, ckpt, x_train, x_sel, x_test, norm, device, ste
     # parameter-matched baseline below then trains without the joint model in memory (2 GB at the preset)
     digest = checkpoint.save_weights(out, {**model.state_dict(), **norm.tensors(), "init.sq_norm": init_sq_norm}) \
         if dist.is_main() else None
-    return {"poly": poly, "params": params, "lr": lr, "fitres": fitres, "fvu": fvu, "report": report,
+    return {"poly": poly, "params": params, "lr": lr, "fitres": fitres, "fvu": fvu, "errors": errors, "report": report,
             "train_record": train_record, "hparams": hparams, "digest": digest}
 
 
@@ -198,6 +216,8 @@ def main(argv=None):
     d = acts.train.d
     norm = Normalizer.fit(acts.train, args.normalize)
     x_train = acts.train.map(norm.encode)               # [n_train, d], read and normalised per batch (common/rows.py)
+    # the test half's document of each row: the comparisons' bootstrap units (rows under --defects token-split)
+    test_docs = None if acts.val_docs is None else split_selection_test(acts.val_docs, acts.val_docs)[1][0]
     x_sel, x_test = acts.normalized_halves(norm.encode)  # held-out halves, normalised (the raw rows released)
 
     steps = cli.total_steps(args, x_train.n)
@@ -231,13 +251,25 @@ def main(argv=None):
     if not dist.is_main():
         return                  # under torchrun, rank 0 evaluates and writes the results
     x_test_raw = norm.decode(x_test)
-    base_fvu = fvu_raw(base_norm, base_norm.encode(x_test_raw), reconstruct_all(base, base_norm.encode(x_test_raw)))
+    x_base = base_norm.encode(x_test_raw)
+    x_hat_base = reconstruct_all(base, x_base)
+    base_fvu = fvu_raw(base_norm, x_base, x_hat_base)
+    err = j["errors"]
+    rel = {"standalone": relative_reduction(err["full"], raw_errors(base_norm, x_base, x_hat_base), test_docs,
+                                            args.n_boot, args.seed),
+           "own": relative_reduction(err["full"], err["sae[mean_ablation]"], test_docs, args.n_boot, args.seed),
+           "own_zero": relative_reduction(err["full"], err["sae[zero_ablation]"], test_docs, args.n_boot, args.seed)}
+    del x_base, x_hat_base
     base_params = sum(p.numel() for p in base.parameters())
     comparisons = {"standalone_sae": {"path": base_path, "params": base_params, "fvu": base_fvu,
                                       "n_latents": base.cfg.n_latents, "k": base.cfg.k},
-                   "joint_vs_standalone_relative_fvu_reduction": 1 - fvu["full"] / base_fvu,
-                   "joint_vs_own_sae_path_relative_fvu_reduction": 1 - fvu["full"] / fvu["sae[mean_ablation]"],
-                   "joint_vs_own_sae_path_relative_fvu_reduction[zero_ablation]": 1 - fvu["full"] / fvu["sae[zero_ablation]"]}
+                   "joint_vs_standalone_relative_fvu_reduction": rel["standalone"][0],
+                   "joint_vs_standalone_relative_fvu_reduction_ci": rel["standalone"][1],
+                   "joint_vs_own_sae_path_relative_fvu_reduction": rel["own"][0],
+                   "joint_vs_own_sae_path_relative_fvu_reduction_ci": rel["own"][1],
+                   "joint_vs_own_sae_path_relative_fvu_reduction[zero_ablation]": rel["own_zero"][0],
+                   "joint_vs_own_sae_path_relative_fvu_reduction[zero_ablation]_ci": rel["own_zero"][1],
+                   "n_bootstrap_units": int(torch.unique(test_docs).numel()) if test_docs is not None else int(x_test.shape[0])}
     if args.sae:
         s1, n1, _ = load_sae_checkpoint(args.sae)
         comparisons["part1_sae"] = {"path": args.sae, "params": sum(p.numel() for p in s1.parameters()),
@@ -248,8 +280,9 @@ def main(argv=None):
                "definitions": "FVU in the LM's units on held-out documents not used for training or model selection; "
                               "'[mean_ablation]' replaces each removed NFM path by its mean output on training tokens "
                               "(the headline: the paths carry constant offsets that cancel), '[zero_ablation]' deletes "
-                              "it; relative FVU reduction = 1 - FVU(joint, all paths) / FVU(other); the 'own SAE "
-                              "path' comparison (the reference's 41%) uses the mean-ablated SAE path",
+                              "it; relative FVU reduction = 1 - FVU(joint, all paths) / FVU(other), with a 95% "
+                              "bootstrap CI over held-out documents (_ci); the 'own SAE path' comparison (the "
+                              "reference's 41%) uses the mean-ablated SAE path",
                "train": {**j["train_record"], "seconds": time.time() - t0},
                "data": acts.description, "history": fitres.history, "recipe": recipe.describe(args.recipe),
                "reference_defects": recipe.defects_record(args.defects)}

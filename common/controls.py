@@ -262,7 +262,7 @@ def predict(model: nn.Module, ins: tuple[torch.Tensor, ...], batch: int = 8192) 
 
 
 # ------------------------------------------------------------------------------------------- reporting
-def _per_document(values: torch.Tensor, docs: torch.Tensor | None) -> np.ndarray:
+def per_document(values: torch.Tensor, docs: torch.Tensor | None) -> np.ndarray:
     """Sum of per-row values [n] within each document (each row its own unit when there are no doc ids)."""
     v = values.double().numpy()
     if docs is None:
@@ -286,8 +286,8 @@ def reduction_ci(r: torch.Tensor, r_hat: torch.Tensor, docs: torch.Tensor | None
                  seed: int = 0) -> dict:
     """Residual reduction 1 - sum ||r - r_hat||^2 / sum ||r||^2 with a percentile-bootstrap CI over documents.
     r_hat: the prediction [n, d], or its row_errors [n]."""
-    err = _per_document(_as_errors(r, r_hat), docs)
-    tot = _per_document(row_errors(r, torch.zeros(()).expand_as(r)), docs)
+    err = per_document(_as_errors(r, r_hat), docs)
+    tot = per_document(row_errors(r, torch.zeros(()).expand_as(r)), docs)
     ratio, lo, hi = ratio_of_sums_ci(err, tot, n_boot, seed)
     return {"residual_reduction": 1 - ratio, "ci": [1 - hi, 1 - lo]}
 
@@ -296,8 +296,8 @@ def gain_ci(r: torch.Tensor, r_hat_a: torch.Tensor, r_hat_b: torch.Tensor, docs:
             n_boot: int = 1000, seed: int = 0) -> dict:
     """Reduction(a) - reduction(b) on the same tokens, with a paired bootstrap CI over documents (predictions
     [n, d] or their row_errors [n])."""
-    err_a = _per_document(_as_errors(r, r_hat_a), docs)
-    err_b = _per_document(_as_errors(r, r_hat_b), docs)
-    tot = _per_document(row_errors(r, torch.zeros(()).expand_as(r)), docs)
+    err_a = per_document(_as_errors(r, r_hat_a), docs)
+    err_b = per_document(_as_errors(r, r_hat_b), docs)
+    tot = per_document(row_errors(r, torch.zeros(()).expand_as(r)), docs)
     diff, lo, hi = ratio_of_sums_ci(err_b - err_a, tot, n_boot, seed)
     return {"gain": diff, "ci": [lo, hi], "n_units": int(len(tot))}

@@ -82,14 +82,20 @@ def corr_with_ci(x: np.ndarray, y: np.ndarray, alpha: float = 0.05) -> dict:
     from scipy import stats
 
     n = len(x)
-    z = stats.norm.ppf(1 - alpha / 2)
     out = {}
     for name, (r, p) in (("pearson", stats.pearsonr(x, y)), ("spearman", stats.spearmanr(x, y))):
-        r = float(r)
-        se = 1 / math.sqrt(n - 3) if name == "pearson" else math.sqrt((1 + r * r / 2) / (n - 3))
-        zr = math.atanh(max(min(r, 0.999999), -0.999999))
-        out[name] = {"r": r, "ci": [math.tanh(zr - z * se), math.tanh(zr + z * se)], "p": float(p), "n": n}
+        out[name] = {"r": float(r), "ci": fisher_ci(float(r), n, name == "spearman", alpha), "p": float(p), "n": n}
     return out
+
+
+def fisher_ci(r: float, n: int, spearman: bool = False, alpha: float = 0.05) -> list[float]:
+    """Fisher-z confidence interval of a correlation r over n pairs (Bonett-Wright standard error for Spearman)."""
+    from scipy import stats
+
+    z = stats.norm.ppf(1 - alpha / 2)
+    se = math.sqrt((1 + r * r / 2) / (n - 3)) if spearman else 1 / math.sqrt(n - 3)
+    zr = math.atanh(max(min(r, 0.999999), -0.999999))
+    return [math.tanh(zr - z * se), math.tanh(zr + z * se)]
 
 
 @torch.no_grad()
@@ -164,7 +170,8 @@ def seed_bimodality(W_dec: torch.Tensor, W_lin: torch.Tensor, V: torch.Tensor, t
     s_i = ||W_dec[i]||^2 > 1e-6, the plain weight norms R_i = ||W_dec[i]||, L_i = ||W_lin[i]||, I_i = ||V[i]||,
     T_i = R_i + L_i + I_i and the ratios nfm_total (L + I) / T, linear L / T, interaction I / T, residual R / T;
     the group means below / above `threshold` with a Student t-test (equal variances) per ratio, and the
-    Spearman rho of s with each ratio. Meaningful only for unconstrained decoders (--recipe reference): with
+    Spearman rho of s with each ratio (Fisher-z CI); and 'modes', the 1- vs 2-component mixture test of s
+    (gmm_bic), the study's 'bimodal' claim. Meaningful only for unconstrained decoders (--recipe reference): with
     unit-norm rows every s_i is 1. Built in, as the notes say (§14.7): R_i = sqrt(s_i), so rho(s, residual) is
     near +1 by construction and nfm_total = 1 - residual mirrors it."""
     from scipy import stats
@@ -180,8 +187,11 @@ def seed_bimodality(W_dec: torch.Tensor, W_lin: torch.Tensor, V: torch.Tensor, t
         if low.sum() > 1 and high.sum() > 1:
             t, p = stats.ttest_ind(r[low], r[high], equal_var=True)
             row.update(t=float(t), p=float(p))
-        if sk.size > 2 and not out["all_unit_norm"]:      # equal norms (up to rounding): no ranking to test
+        if sk.size > 3 and not out["all_unit_norm"]:      # equal norms (up to rounding): no ranking to test
             rho, p_rho = stats.spearmanr(sk, r)
-            row.update(spearman_rho=float(rho), spearman_p=float(p_rho))
+            row.update(spearman_rho=float(rho), spearman_p=float(p_rho),
+                       spearman_rho_ci=fisher_ci(float(rho), int(sk.size), spearman=True))
         out["ratios"][name] = row
+    # the study's "bimodal" claim, tested on these squared norms (its own evidence was a histogram, §8.3)
+    out["modes"] = gmm_bic(sk) if sk.size >= 10 and not out["all_unit_norm"] else None
     return out

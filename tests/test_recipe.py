@@ -250,8 +250,18 @@ def test_seed_bimodality_against_a_direct_computation():
     assert row["spearman_rho"] == pytest.approx(stats.spearmanr(s, nfm)[0])
     # built in (§14.7): nfm_total = 1 - residual, so their rho mirror exactly, and R_i = sqrt(s_i) pushes it up
     assert row["spearman_rho"] == pytest.approx(-r["ratios"]["residual"]["spearman_rho"]) and row["spearman_rho"] < -0.5
+    lo, hi = row["spearman_rho_ci"]
+    assert lo < row["spearman_rho"] < hi and hi - lo < 0.5
+    # squared norms spread around 0.05 and 0.4 have two modes; around 0.2 alone, one
+    unit_rows = W / W.norm(dim=1, keepdim=True)
+    spread = 1 + 0.1 * torch.randn(n, 1, generator=g)
+    two = seed_bimodality(unit_rows * (torch.from_numpy(s)[:, None].float() * spread).sqrt(), W_lin, V)
+    assert two["modes"]["two_modes"] and sorted(two["modes"]["means"]) == pytest.approx([0.05, 0.4], rel=0.1)
+    one = seed_bimodality(unit_rows * (0.2 * spread).sqrt(), W_lin, V)
+    assert not one["modes"]["two_modes"]
     unit = seed_bimodality(torch.nn.functional.normalize(W, dim=1), W_lin, V)
     assert unit["all_unit_norm"] and unit["n_low"] == 0 and "spearman_rho" not in unit["ratios"]["nfm_total"]
+    assert unit["modes"] is None
 
 
 def test_latest_as_best_keeps_the_last_step():
