@@ -15,7 +15,7 @@ setup: .venv/.installed
 
 STAGES := checkpoints/part1_sae checkpoints/part2_nfm checkpoints/conjunctions checkpoints/part3_secondary_sae checkpoints/part5_joint checkpoints/part5_poly \
           checkpoints/part3_secondary_sae_joint checkpoints/part6_kl checkpoints/part4_inspect_sequential \
-          checkpoints/part4_inspect_joint checkpoints/part7_gram checkpoints/part8_stimuli checkpoints/part9_clamp
+          checkpoints/part4_inspect_joint checkpoints/part7_gram checkpoints/part8_stimuli checkpoints/part9_clamp checkpoints/feature_browser
 
 demo: .venv/.installed
 	$(PY) -m common.demo
@@ -32,6 +32,7 @@ demo: .venv/.installed
 	$(PY) part7_gram_analysis.py --overwrite --sae checkpoints/part1_sae --joint checkpoints/part5_joint --out checkpoints/part7_gram
 	$(PY) part8_stimulus_response.py --overwrite --sae checkpoints/part1_sae --nfm checkpoints/part2_nfm --secondary checkpoints/part3_secondary_sae --out checkpoints/part8_stimuli
 	$(PY) part9_clamping_intervention.py --overwrite --sae checkpoints/part1_sae --nfm checkpoints/part2_nfm --secondary checkpoints/part3_secondary_sae --part8 checkpoints/part8_stimuli --out checkpoints/part9_clamp
+	$(PY) browse_features.py --overwrite --sae checkpoints/part1_sae --nfm checkpoints/part2_nfm --secondary checkpoints/part3_secondary_sae --joint checkpoints/part5_joint --joint-secondary checkpoints/part3_secondary_sae_joint --conjunctions checkpoints/conjunctions --part8 checkpoints/part8_stimuli --part9 checkpoints/part9_clamp --out checkpoints/feature_browser
 	@$(PY) -m common.summary $(STAGES)
 
 .venv/.installed-test: requirements-test.txt .venv/.installed

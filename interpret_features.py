@@ -2,8 +2,9 @@
 activating contexts in held-out text, then score the explanation by detection on other held-out contexts.
 
   explain  contexts of +-8 tokens around tokens where the feature fires, the firing token marked <<so>>,
-           sampled evenly from --quantiles activation bins (strongest to weakest), from the first half of
-           the documents read; Claude returns a one-sentence explanation
+           sampled evenly from --quantiles activation bins (strongest to weakest; common/contexts.py
+           quantile_rows, the feature browser's sampler, seeded with --seed + the feature), from the first
+           half of the documents read; Claude returns a one-sentence explanation
   score    --n-score activating and --n-score non-activating contexts from the *other* half of those
            documents, shuffled; Claude, given only the explanation, answers 1/0 per context, matched to the
            excerpts by number (a missing or unparseable answer is counted as missing, never shifted);
@@ -35,6 +36,7 @@ import torch
 
 from common import cli
 from common.claude import DEFAULT_MODEL, ClaudeClient, require_api_key
+from common.contexts import quantile_rows
 from common.data import batch_sequences, iter_test_half_sequences, keep_mask
 from common.hooks import collect
 from common.models import load_model
@@ -161,19 +163,16 @@ def main(argv=None, http_client=None):
                             f"(explain / score)")
     half = n_found // 2                                   # explain on the first half of the documents, score on the rest
     explain_prompts, plan = [], []
+    explain_rows = np.array([r[0] < half for r in records])
     for j, f in enumerate(args.features):
-        act = [(r[3][j], r) for r in records if r[0] < half and r[3][j] > 0]
-        if len(act) < args.quantiles:
-            raise cli.UserError(f"feature {f} fires on only {len(act)} tokens of the first {half} held-out documents; "
-                                f"use more --docs or another feature")
-        act.sort(key=lambda x: -x[0])
-        bins = np.array_split(np.arange(len(act)), args.quantiles)
+        # the explained examples: common/contexts.py's quantile sampler, seeded as the feature browser's pages
+        acts = np.where(explain_rows, np.array([r[3][j] for r in records], dtype=np.float32), 0.0)
+        if (acts > 0).sum() < args.quantiles:
+            raise cli.UserError(f"feature {f} fires on only {int((acts > 0).sum())} tokens of the first {half} held-out "
+                                f"documents; use more --docs or another feature")
         per_bin = max(1, args.n_examples // args.quantiles)
-        shown = []
-        for qi, b in enumerate(bins):
-            for i in sorted(rng.sample(list(b), min(per_bin, len(b)))):
-                a, r = act[i]
-                shown.append({"bin": qi + 1, "activation": float(a), "context": context(tok, seqs[r[1]][0], r[2])})
+        shown = [{"bin": b, "activation": float(acts[i]), "context": context(tok, seqs[records[i][1]][0], records[i][2])}
+                 for b, rows in quantile_rows(acts, args.quantiles, per_bin, args.seed + f) for i in rows]
         lines = "\n".join(f"{i + 1}. [bin {e['bin']} of {args.quantiles}, 1 = strongest] {e['context']}" for i, e in enumerate(shown))
         explain_prompts.append(f"Below are text excerpts where feature {f} is active; the token it fires on is "
                                f"marked <<like this>>.\n\n{lines}\n\nIn one sentence: what does this feature detect? "

@@ -55,7 +55,7 @@ PRESETS = {
         "part4": PAPER_COMMON, "detect": PAPER_COMMON, "part6": {**PAPER_COMMON, "docs": 2000, "kl_adapter_steps": 2000}, "part7": PAPER_COMMON,
         "part9": {**PAPER_COMMON, "buckets": str(Path(__file__).resolve().parent.parent / "stimuli" / "word_buckets_en.json"),
                   "prompts": str(Path(__file__).resolve().parent.parent / "stimuli" / "formality_emotion_en.json")},
-        "interpret": {**PAPER_COMMON, "docs": 2000},
+        "interpret": {**PAPER_COMMON, "docs": 2000}, "browse": PAPER_COMMON,
         "part8": {**PAPER_COMMON, "stimuli": str(Path(__file__).resolve().parent.parent / "stimuli" / "formality_emotion_en.json")},
     },
 }

@@ -58,6 +58,10 @@ def headline(m: dict) -> str:
         return (f"{m['n_conjunction_latents']} conjunction latents among {m['n_examined']} examined "
                 f"({m['n_conjunction_latents_also_detected_on_held_out_rows']} also on held-out test rows)"
                 + (f"; top: {top}" if top else ""))
+    if stage.startswith("browse_features"):
+        n = {k: len(v) for k, v in m["pages"].items()}
+        return (f"feature pages: {', '.join(f'{k} {v}' for k, v in n.items())} ({m['n_test_tokens']:,} held-out test "
+                f"tokens); open {m['index']}")
     if stage.startswith("part7"):
         return "; ".join(f"{name}: sq-norm mean {r['squared_norm_mean']:.3f}, two modes {r['bimodality']['two_modes']}"
                          for name, r in m["models"].items())

@@ -71,6 +71,20 @@ def test_explain_and_score_with_a_fake_transport(pipeline, tmp_path, monkeypatch
               "--n-score", "5", "--out", str(out), "--overwrite"], http_client=client)
     assert len(seen) == 2 * len(feats)
     assert json.loads((out / "metrics.json").read_text())["claude_cache_hits"] == 2 * len(feats)
+    # the explained examples come from the shared quantile sampler: bins in order, strongest bin's values highest
+    for f in feats:
+        ex = expl[str(f)]["examples"]
+        assert [e["bin"] for e in ex] == sorted(e["bin"] for e in ex)
+        assert min(e["activation"] for e in ex if e["bin"] == 1) >= max(e["activation"] for e in ex if e["bin"] == 4)
+    # the feature browser shows the explanation, its score and the examples Claude saw, beside its own contexts
+    import browse_features as bf
+    site = tmp_path / "site"
+    bf.main(["--sae", str(pipeline / "p1"), "--nfm", "", "--secondary", "", "--features", *map(str, feats),
+             "--interpret", str(out), "--val-tokens", "3000", "--cache-dir", str(pipeline / "cache"), "--out", str(site)])
+    index = (site / "index.html").read_text()
+    assert index.count(">Fires on sentence-initial tokens.</td>") == len(feats) and "detection accuracy" in index
+    page = (site / "features" / "primary" / f"{feats[0]}.html").read_text()
+    assert "The examples Claude saw" in page and page.count("&lt;&lt;") >= len(expl[str(feats[0])]["examples"])
 
 
 def test_missing_key_is_one_line_and_writes_nothing(pipeline, tmp_path):

@@ -1,5 +1,5 @@
-"""reproduce_reference.py: the rung-by-rung ladder on the tiny demo (rungs 0, 2 and 4: one training, the evaluation
-switches between them), its reuse of shared runs, that every figure is the stage's own number, and the plan of
+"""reproduce_reference.py: the rung-by-rung ladder on the tiny demo (rungs 0 and 4: one training, every evaluation
+switch on, then off), its reuse of shared runs, that every figure is the stage's own number, and the plan of
 all eight rungs (the retraining rungs' commands)."""
 import csv
 import json
@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, script_env
 
-RUNGS = ["0", "2", "4"]
+RUNGS = ["0", "4"]
 
 
 def ladder_cmd(tiny_demo, out, *more):
@@ -51,16 +51,15 @@ def test_ladder_files_and_shared_runs(ladder):
     for f in ("ladder.json", "ladder.md", "ladder.png"):
         assert (out / f).stat().st_size > 0
     meta = json.loads((out / "ladder.json").read_text())
-    # one training (6 runs); part6: three defect sets; part9: the pseudo-replicated ANOVA (rungs 0 and 2 share
-    # it) and the words x prompts tests (rung 4)
-    assert len(meta["runs"]) == 6 + 3 + 2 and set(meta["runs"].values()) == {"ran"}
+    # one training (6 runs) shared by both rungs; part6 and part9 once each per rung
+    assert len(meta["runs"]) == 6 + 2 + 2 and set(meta["runs"].values()) == {"ran"}
     by = {r["rung"]: r["figures"] for r in meta["rungs"]}
     # rungs 0-4 share their training: the training-only figures are the same numbers
     for col in ("sequential_residual_reduction", "joint_vs_equal_params_sae", "high_norm_nfm_share",
                 "nfm_share_vs_sq_norm_rho"):
-        assert by[0][col]["value"] == by[2][col]["value"] == by[4][col]["value"] is not None, col
+        assert by[0][col]["value"] == by[4][col]["value"] is not None, col
     # the splice fixes change the KL figures
-    assert by[0]["sae_kl_over_eps_random"]["value"] != by[2]["sae_kl_over_eps_random"]["value"]
+    assert by[0]["sae_kl_over_eps_random"]["value"] != by[4]["sae_kl_over_eps_random"]["value"]
 
 
 def test_ladder_figures_are_the_stages_numbers(ladder):
@@ -70,7 +69,7 @@ def test_ladder_figures_are_the_stages_numbers(ladder):
     ref = out / "train" / "reference_token-split_latest"
     m5 = json.loads((ref / "part5_joint" / "metrics.json").read_text())
     c, fvu = m5["comparisons"], m5["held_out_test"]["fvu"]
-    # zero-ablation on (rungs 0, 2): the study's "own SAE path" deletes the NFM paths; rung 4 mean-ablates them
+    # zero-ablation on (rung 0): the study's "own SAE path" deletes the NFM paths; rung 4 mean-ablates them
     assert by[0]["joint_vs_own_sae_path"]["value"] == c["joint_vs_own_sae_path_relative_fvu_reduction[zero_ablation]"]
     assert by[4]["joint_vs_own_sae_path"]["value"] == c["joint_vs_own_sae_path_relative_fvu_reduction"]
     # part5's bootstrap point is the FVU ratio (the total variance cancels), and its CI brackets it
@@ -83,10 +82,11 @@ def test_ladder_figures_are_the_stages_numbers(ladder):
     m6 = json.loads((out / "eval" / "reference_token-split_latest" / "part6_kl__none" / "metrics.json").read_text())
     h = m6["headline"]["joint"]
     assert by[4]["joint_kl_reduction"]["value"] == h["kl_reduction"] and by[4]["joint_kl_reduction"]["ci"] == h["kl_reduction_ci"]
-    m6z = json.loads((out / "eval" / "reference_token-split_latest" / "part6_kl__zero-ablation" / "metrics.json").read_text())
+    m6z = json.loads((out / "eval" / "reference_token-split_latest" / "part6_kl__splice-offset+raw-activations+"
+                      "zero-ablation" / "metrics.json").read_text())
     assert m6z["headline"]["ablation"] == "zero" and m6["headline"]["ablation"] == "mean"
-    assert by[2]["joint_nonlinear_share"]["value"] == m6z["headline"]["joint"]["nonlinear_share"]
-    # clamping: the reference's per-observation ANOVA at rungs 0 and 2, the words x prompts min F' from rung 4
+    assert by[0]["joint_nonlinear_share"]["value"] == m6z["headline"]["joint"]["nonlinear_share"]
+    # clamping: the reference's per-observation ANOVA at rung 0, the words x prompts min F' from rung 4
     m9p = json.loads((out / "eval" / "reference_token-split_latest" / "part9_clamp__pseudo-replicated-anova"
                       / "metrics.json").read_text())
     m9 = json.loads((out / "eval" / "reference_token-split_latest" / "part9_clamp__none" / "metrics.json").read_text())
@@ -111,11 +111,11 @@ def test_ladder_rerun_reuses_every_run(ladder, tiny_demo):
     before = (out / "ladder.csv").read_bytes()
     res = subprocess.run(ladder_cmd(tiny_demo, out), cwd=ROOT, env=script_env(), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "0 runs, 11 reused" in res.stdout and (out / "ladder.csv").read_bytes() == before
+    assert "0 runs, 10 reused" in res.stdout and (out / "ladder.csv").read_bytes() == before
     dry = subprocess.run(ladder_cmd(tiny_demo, out, "--stage-args", "part9=--null-features 4", "--dry-run"), cwd=ROOT,
                          env=script_env(), capture_output=True, text=True)
     lines = [ln for ln in dry.stdout.splitlines() if ln.startswith("[")]
-    assert len(lines) == 11 and sum(" run " in ln for ln in lines) == 2
+    assert len(lines) == 10 and sum(" run " in ln for ln in lines) == 2
     assert all("part9_clamping" in ln for ln in lines if " run " in ln)
 
 
