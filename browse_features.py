@@ -16,8 +16,9 @@ explanation and detection score when --interpret folders are given) and a page p
   - primary features: the tokens its decoder direction promotes and suppresses through the LM's final norm and
     unembedding (a logit lens: an approximation that skips every later block), and its top NFM interaction
     partners (pair effect x co-activation, part4's ranking);
-  - secondary features: the primary pairs that drive them (part8's exact pair attribution, when part8 attributed
-    that feature), linked to the primaries' pages; part8's ANOVA row and part9's clamping result when given.
+  - secondary features: the primary pairs that drive them on the held-out tokens where they fire (part8's exact
+    pair attribution, common/pairs.py), and on part8's stimulus sentences when part8 attributed that feature,
+    linked to the primaries' pages; part8's ANOVA row and part9's clamping result when given.
 Which features get pages: --features (and the per-space lists), else --top per space by --order (firing
 frequency, part8's interaction F, or at random); a 50k-latent SAE never gets 50k pages.
 
@@ -42,6 +43,7 @@ from common.contexts import (FiringStats, context_window, dense_columns, heldout
                              top_rows)
 from common.data import get_activations, heldout_half
 from common.loading import load_model_path
+from common.pairs import pair_attribution, secondary_direction
 
 SPACES = {"primary": "primary SAE features", "secondary": "integration features (sequential: secondary SAE on the NFM)",
           "joint_secondary": "integration features (joint model: secondary SAE on its NFM)"}
@@ -253,6 +255,24 @@ def partners(sp: Space, j: int, n: int) -> list[dict]:
              "coactivation_frequency": float(co[i])} for i in top if score[i] > 0]
 
 
+@torch.no_grad()
+def held_out_pairs(sp: Space, j: int, x: torch.Tensor, device, top: int) -> dict:
+    """The primary pairs that drive integration feature j's pre-activation on the held-out test tokens where it
+    fires: part8's exact pair attribution (common/pairs.py), over this text instead of the stimulus set."""
+    mp = sp.mp
+    rows = torch.from_numpy(np.flatnonzero(sp.values[:, j] > 0))
+    idx, val = (t.cpu() for t in mp.sae.encode(mp.norm.encode(x[rows].to(device).float())))
+    w = secondary_direction(mp.nfm, mp.sec, mp.unorm, sp.selected[j])
+    return {"n_tokens": int(len(rows)), **pair_attribution(idx, val, mp.nfm.V.detach().cpu(), w, top)}
+
+
+def pairs_table(pairs: list[dict], pages: set) -> str:
+    return site.simple_table(
+        ["pair", "mean contribution", "tokens with both active"],
+        [[link("primary", a, pages) + " &amp; " + link("primary", b, pages), f"{p['mean_contribution']:+.3g}",
+          str(p["tokens_both_active"])] for p in pairs for a, b in [p["pair"]]])
+
+
 def contexts_block(title: str, rows, rt, acts: np.ndarray, tok, window: int, vmax: float) -> str:
     parts = [f"<h2>{site.esc(title)}</h2>"]
     for r in rows:
@@ -299,12 +319,18 @@ def feature_page(sp: Space, j: int, args, rt, tok, extras: dict) -> str:
         if extras.get("lens"):
             body.append('<p class="note">Logit lens: the decoder direction (in the LM\'s units) through the final '
                         "norm and the unembedding alone, skipping every later block: an approximation.</p>")
+    if extras.get("held_out_pairs"):
+        hp = extras["held_out_pairs"]
+        body.append(f"<h2>Primary pairs that drive it on these {hp['n_tokens']:,} firing tokens</h2>"
+                    + (pairs_table(hp["pairs"], extras["pages"]) if hp["pairs"] else "<p class=note>no pair is active "
+                       "together on 3 or more of them</p>")
+                    + '<p class="note">Exact pair attribution (common/pairs.py, as part8): each pair\'s mean exact '
+                    "contribution f_i f_j &Sigma;<sub>d</sub> V[i,d] V[j,d] w[d] to the feature's pre-activation, w its "
+                    "direction in the NFM's pooled space" + ("" if hp["exact"] else "; the search stopped before its "
+                                                             "certificate: the ranking may miss a pair") + ".</p>")
     if extras.get("pairs"):
-        body.append("<h2>Primary pairs that drive it (part8's exact pair attribution)</h2>" + site.simple_table(
-            ["pair", "mean contribution", "tokens with both active"],
-            [[link("primary", a, extras["pages"]) + " &amp; " + link("primary", b, extras["pages"]),
-              f"{p['mean_contribution']:+.3g}", str(p["tokens_both_active"])]
-             for p in extras["pairs"] for a, b in [p["pair"]]]))
+        body.append("<h2>Primary pairs that drive it on part8's stimulus sentences</h2>"
+                    + pairs_table(extras["pairs"], extras["pages"]))
     if extras.get("anova"):
         row = extras["anova"]
         body.append("<h2>part8: two-way ANOVA of the stimulus set (selection half)</h2>" + site.simple_table(
@@ -312,13 +338,31 @@ def feature_page(sp: Space, j: int, args, rt, tok, extras: dict) -> str:
             [[site.esc(extras["factors"].get(e, e)), *(f"{row.get(f'{e}_{k}', float('nan')):.3g}" for k in (
                 "F", "p", "q", "p_perm", "q_perm", "partial_eta_sq"))] for e in ("A", "B", "A:B")]))
     if extras.get("clamp"):
-        body.append("<h2>part9: clamping this feature</h2>" + site.json_block(extras["clamp"]))
+        body.append("<h2>part9: clamping this feature (test half of the prompts)</h2>" + clamp_table(extras["clamp"]))
     body.append(contexts_block(f"Top {len(extras['top'])} activating contexts", extras["top"], rt, acts, tok,
                                args.window, vmax))
     for b, rows in extras["quantiles"]:
         body.append(contexts_block(f"Quantile bin {b} of {args.quantiles} (1 = strongest)", rows, rt, acts, tok,
                                    args.window, vmax))
     return site.page(f"{sp.name} feature {f}", "\n".join(body))
+
+
+def clamp_table(m: dict) -> str:
+    """part9's interaction test per condition and multiplier, with the null features' percentile."""
+    spec = (m.get("null_features") or {}).get("specificity", {})
+    rows = []
+    for cond, by_mult in m.get("conditions", {}).items():
+        for mult, r in by_mult.items():
+            ab = r.get("A:B")
+            if ab is None:
+                continue
+            sp = spec.get(mult, {}) if cond == "target" else {}
+            rows.append([site.esc(cond), site.esc(mult), f"{ab['F']:.3g}", f"{ab['p']:.3g}",
+                         f"{r.get('max_abs_logit_change', float('nan')):.3g}",
+                         f"{sp['percentile']:.0f}" if "percentile" in sp else "–",
+                         f"{sp['empirical_p']:.3g}" if "empirical_p" in sp else "–"])
+    return site.simple_table(["condition", "clamp", "interaction F (min F')", "p", "max |logit change|",
+                              "null-feature percentile", "empirical p vs null features"], rows)
 
 
 def link(space: str, f: int, pages: set) -> str:
@@ -446,7 +490,9 @@ def main(argv=None):
                       "quantiles": quantile_rows(full, args.quantiles, args.per_quantile, args.seed + f),
                       "pairs": pairs.get((name, f))}
             if clamp and clamp.get("feature") == f and (clamp.get("kind") == "primary") == (name == "primary"):
-                extras["clamp"] = {k: clamp[k] for k in ("kind", "feature", "conditions") if k in clamp}
+                extras["clamp"] = clamp
+            if name != "primary":
+                extras["held_out_pairs"] = held_out_pairs(sp, j, x, device, args.partners)
             if name == "primary":
                 sae, norm = sp.mp.sae, sp.mp.norm
                 direction = sae.W_dec[f].detach().float().cpu() * norm.scale.float().cpu()    # in the LM's units

@@ -7,7 +7,6 @@ Imports nothing of the project (it sits at the bottom of common/).
 from __future__ import annotations
 
 import html
-import json
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1100px;color:#222;padding:0 1em}
@@ -132,7 +131,3 @@ def simple_table(headers: list[str], rows: list[list[str]]) -> str:
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
-
-def json_block(obj) -> str:
-    """A JSON record shown as text (escaped)."""
-    return f'<pre class="ctx">{esc(json.dumps(obj, indent=1, default=str))}</pre>'

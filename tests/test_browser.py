@@ -29,6 +29,8 @@ def test_site_files_and_pages(site_dir):
         for f in feats:
             page = (site_dir / "features" / space / f"{f}.html").read_text()
             assert 'class="tok target"' in page and '<svg class="histogram"' in page
+            assert ("Primary pairs that drive it on these" in page) == (space == "secondary")
+            assert ("Logit lens: promotes" in page) == (space == "primary")
     index = (site_dir / "index.html").read_text()
     assert index.count("<tr data-search=") == 12 and "http://" not in index and "https://" not in index
     # the most frequent features first (--order frequency): the index's frequencies never increase

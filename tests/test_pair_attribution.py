@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from part8_stimulus_response import pair_attribution
+from common.pairs import pair_attribution
 
 
 def reference(idx, val, V, w, top, min_tokens=3):
