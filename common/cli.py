@@ -29,6 +29,8 @@ def run_main(main) -> None:
     """Run `main()`; turn UserError (and a few well-known input failures) into a one-line error."""
     try:
         main()
+        from .dist import shutdown
+        shutdown()                      # under torchrun: every rank ends together (common/dist.py)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
