@@ -90,13 +90,22 @@ class Space:
         self.co: torch.Tensor | None = None        # primary: [n_selected, n_latents] co-activation counts
 
 
+def once_per_batch(fn):
+    """fn(x), computed once for the batch x however many spaces ask for it."""
+    last = [None, None]
+
+    def call(x):
+        if last[0] is not x:
+            last[0], last[1] = x, fn(x)
+        return last[1]
+    return call
+
+
 def spaces_of(args, device) -> tuple[dict, object]:
     """The spaces to build, and the data spec they share (each model path coded as the stages do)."""
     seq = load_model_path("browse_features", sae=args.sae, nfm=args.nfm or None, secondary=args.secondary or None)
     sae, norm = seq.sae.to(device), seq.norm.to(device)
-
-    def primary(x):
-        return sae.encode(norm.encode(x))
+    primary = once_per_batch(lambda x: sae.encode(norm.encode(x)))     # the secondary space reads it too
 
     out = {"primary": Space("primary", sae.cfg.n_latents, primary, seq)}
     if seq.sec is not None:
@@ -282,9 +291,8 @@ def contexts_block(title: str, rows, rt, acts: np.ndarray, tok, window: int, vma
     return "\n".join(parts)
 
 
-def feature_page(sp: Space, j: int, args, rt, tok, extras: dict) -> str:
-    f = sp.selected[j]
-    acts = sp.values[:, j]
+def feature_page(sp: Space, f: int, acts: np.ndarray, args, rt, tok, extras: dict) -> str:
+    """Feature f's page; acts [held-out rows] its value on every held-out row (contexts index those rows)."""
     s = sp.stats.summary(f)
     vmax = float(acts.max()) if acts.size else 0.0
     body = [f'<p><a href="../../index.html">index</a></p><h1>{site.esc(SPACES[sp.name])}: feature {f}</h1>',
@@ -498,7 +506,7 @@ def main(argv=None):
                 direction = sae.W_dec[f].detach().float().cpu() * norm.scale.float().cpu()    # in the LM's units
                 extras["lens"] = logit_lens(model, tok, direction, args.logit_lens)
                 extras["partners"] = partners(sp, j, args.partners)
-            html_text = feature_page(_with_values(sp, j, full), 0, args, rt, tok, extras)
+            html_text = feature_page(sp, f, full, args, rt, tok, extras)
             (out / "features" / name / f"{f}.html").write_text(html_text, encoding="utf-8")
             n_pages += 1
     index = out / "index.html"
@@ -512,12 +520,6 @@ def main(argv=None):
     print(f"{n_pages} feature pages in {time.time() - t0:.0f} s")
     print(f"\nfeature browser: {index.resolve()}")
 
-
-def _with_values(sp: Space, j: int, full: np.ndarray) -> Space:
-    """A view of sp with selected feature j alone, its values over every held-out row (contexts index those)."""
-    v = Space(sp.name, sp.n_latents, sp.encode, sp.mp)
-    v.stats, v.selected, v.values = sp.stats, [sp.selected[j]], full[:, None]
-    return v
 
 
 if __name__ == "__main__":

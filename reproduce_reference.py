@@ -317,10 +317,7 @@ def fmt(v) -> str:
 
 
 def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """ladder.csv, ladder.json, ladder.md and ladder.png."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["rung", *[c for c, *_ in FIGURES]])
@@ -340,6 +337,15 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
             cells.append(fmt(f["value"]) + (f" [{fmt(f['ci'][0])}, {fmt(f['ci'][1])}]" if f["ci"] else ""))
         lines.append(f"| {what} | {fmt(paper)} | " + " | ".join(cells) + " |")
     atomic_write_bytes(out / "ladder.md", ("\n".join(lines) + "\n").encode())
+    ladder_png(rows, out / "ladder.png")
+    return [out / "ladder.csv", out / "ladder.json", out / "ladder.md", out / "ladder.png"]
+
+
+def ladder_png(rows: list[dict], path: Path) -> None:
+    """One panel per figure: its value at each rung with the 95% CI, the paper's value dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     n = len(FIGURES)
     cols = 3
@@ -364,9 +370,8 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
         ax.axis("off")
     fig.supxlabel("rung (cumulative fixes: " + "; ".join(f"{r['rung']} {r['name']}" for r in rows) + ")", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "ladder.png", dpi=90)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
-    return [out / "ladder.csv", out / "ladder.json", out / "ladder.md", out / "ladder.png"]
 
 
 # ----------------------------------------------------------------------------------------------- GPU estimate

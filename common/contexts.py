@@ -83,8 +83,15 @@ class FiringStats:
 
 def dense_columns(idx: torch.Tensor, val: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """The values of `features` [m] in sparse codes (idx, val) [n, k]: [n, m] (0 where a feature is inactive)."""
-    hit = idx.long()[:, :, None] == features.long()[None, None, :]          # [n, k, m]
-    return (val.float()[:, :, None] * hit).sum(1)
+    if idx.numel() == 0 or len(features) == 0:
+        return torch.zeros(idx.shape[0], len(features))
+    col = torch.full((int(max(idx.max(), features.max())) + 1,), -1, dtype=torch.long)
+    col[features.long()] = torch.arange(len(features))
+    c = col[idx.long()]                                                     # [n, k]: column of each entry, or -1
+    out = torch.zeros(idx.shape[0], len(features))
+    on = c >= 0                                     # no [n, k, m] comparison: at K 1,024 that is GBs per batch
+    out[torch.nonzero(on)[:, 0], c[on]] = val[on].float()
+    return out
 
 
 def top_rows(acts: np.ndarray, n: int) -> np.ndarray:

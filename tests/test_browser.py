@@ -31,8 +31,9 @@ def test_site_files_and_pages(site_dir):
             assert 'class="tok target"' in page and '<svg class="histogram"' in page
             assert ("Primary pairs that drive it on these" in page) == (space == "secondary")
             assert ("Logit lens: promotes" in page) == (space == "primary")
+            assert "://" not in page                                    # no address outside the site
     index = (site_dir / "index.html").read_text()
-    assert index.count("<tr data-search=") == 12 and "http://" not in index and "https://" not in index
+    assert index.count("<tr data-search=") == 12 and "://" not in index
     # the most frequent features first (--order frequency): the index's frequencies never increase
     freqs = [float(v) for v in __import__("re").findall(r'<td class=num data-v="([^"]+)">', index)[1::4][:6]]
     assert freqs == sorted(freqs, reverse=True)
